@@ -1,0 +1,43 @@
+import Logging
+
+/// Everything the HTTP routes need, assembled by `serve` (or by a test).
+public struct Bridge: Sendable {
+    public var configuration: BridgeConfiguration
+    public var circuit: CircuitClient
+    public var authorizer: any SubkeyAuthorizer
+    public var policy: any AdmissionPolicy
+    public var recorder: any UsageRecorder
+    public var metrics: BridgeMetrics
+    public var clock: BridgeClock
+    public var logger: Logger
+    /// Extra fields for `GET /health` (database, Splunk queue…), filled by later components.
+    public var health: @Sendable () async -> HealthReport
+
+    public init(
+        configuration: BridgeConfiguration, circuit: CircuitClient, authorizer: any SubkeyAuthorizer = AcceptingAuthorizer(),
+        policy: any AdmissionPolicy = UnlimitedPolicy(), recorder: any UsageRecorder, metrics: BridgeMetrics,
+        clock: BridgeClock = .system, logger: Logger, health: @escaping @Sendable () async -> HealthReport = { HealthReport() }
+    ) {
+        self.configuration = configuration
+        self.circuit = circuit
+        self.authorizer = authorizer
+        self.policy = policy
+        self.recorder = recorder
+        self.metrics = metrics
+        self.clock = clock
+        self.logger = logger
+        self.health = health
+    }
+}
+
+/// What components other than the core add to `GET /health`.
+public struct HealthReport: Sendable {
+    /// `false` turns the answer into 503 `unhealthy` (for example, the database is unusable).
+    public var isHealthy = true
+    /// Extra top-level members, as raw JSON values keyed by name.
+    public var fields: [(String, String)] = []
+    public init(isHealthy: Bool = true, fields: [(String, String)] = []) {
+        self.isHealthy = isHealthy
+        self.fields = fields
+    }
+}

@@ -1,0 +1,17 @@
+import Hummingbird
+import Logging
+import NIOCore
+
+/// What the bridge knows of a request beyond its head and body: the socket peer and the request's logger.
+public struct BridgeRequestContext: InitializableFromSource {
+    public let remoteAddress: SocketAddress?
+    public let logger: Logger
+
+    public init(source: ApplicationRequestContextSource) {
+        self.remoteAddress = source.channel.remoteAddress
+        self.logger = source.logger
+    }
+
+    /// The peer's IP address without its port, `""` when unknown (a Unix socket, or a closed channel).
+    var clientAddress: String { remoteAddress?.ipAddress ?? "" }
+}

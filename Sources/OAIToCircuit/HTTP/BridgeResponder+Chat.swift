@@ -1,0 +1,150 @@
+import AsyncHTTPClient
+import HTTPTypes
+import Hummingbird
+import Logging
+import NIOCore
+import NIOHTTP1
+
+/// `POST /v1/chat/completions`, in the contract's order: subkey, body, policy, rewrite, token, forward, answer,
+/// account.
+extension BridgeResponder {
+    /// A non-streamed answer is read whole before it is sent, so its usage can be committed first; this bounds it.
+    static let maximumAnswerBytes = 64 << 20
+
+    func chat(_ request: Request, context: Context, exchange: inout Exchange) async throws -> Response {
+        let caller = try await authorize(request, exchange: &exchange)
+        let body = try await Self.collect(request, limit: bridge.configuration.maxRequestBytes)
+        let chat = try ChatRequest.parse(body, appKey: bridge.configuration.appKey)
+        exchange.model = chat.model
+        let admission = try await bridge.policy.admit(caller, model: chat.model)
+
+        let sent = ContinuousClock.now
+        let upstream: HTTPClientResponse
+        do {
+            upstream = try await bridge.circuit.send(model: chat.model, body: chat.upstreamBody, logger: bridge.logger)
+        } catch {
+            await bridge.policy.release(admission)
+            throw error
+        }
+        bridge.metrics.upstreamResponded(
+            model: chat.model, status: Int(upstream.status.code), after: ContinuousClock.now - sent)
+
+        var headers: HTTPFields = [:]
+        for header in upstream.headers {
+            let name = header.name.lowercased()
+            if name == "content-type" || name.hasPrefix("x-ratelimit-"), let field = HTTPField.Name(header.name) {
+                headers.append(HTTPField(name: field, value: header.value))
+            }
+        }
+        let status = HTTPResponse.Status(code: Int(upstream.status.code))
+        let accounting = Accounting(bridge: bridge, exchange: exchange, admission: admission, chat: chat, status: status)
+
+        if upstream.headers.first(name: "content-type")?.lowercased().hasPrefix("text/event-stream") == true {
+            exchange.logsWhenStreamEnds = true
+            let responder = self
+            let ending = exchange
+            return Response(
+                status: status, headers: headers,
+                body: ResponseBody { writer in
+                    let outcome = await accounting.relay(upstream.body, to: &writer)
+                    var finished = ending
+                    finished.logsWhenStreamEnds = false
+                    responder.finish(finished, status: Int(status.code))
+                    if outcome.clientDisconnected { throw CancellationError() }
+                })
+        }
+
+        let answer: ByteBuffer
+        do {
+            answer = try await upstream.body.collect(upTo: Self.maximumAnswerBytes)
+        } catch {
+            // Circuit answered, so the request counts; the client gets the transport failure.
+            await accounting.commit(usage: .zero, clientDisconnected: false)
+            throw CircuitClient.classify(error, logger: bridge.logger)
+        }
+        let usage = answer.withUnsafeReadableBytes { Usage.observe($0.assumingMemoryBound(to: UInt8.self))?.usage }
+        await accounting.commit(usage: usage ?? .zero, clientDisconnected: false)
+        return Response(status: status, headers: headers, body: ResponseBody(byteBuffer: answer))
+    }
+
+    /// Reads the whole request body, refusing it with 413 as soon as it passes `limit` (before any parsing).
+    static func collect(_ request: Request, limit: Int) async throws -> ByteBuffer {
+        var expected = 0
+        if let length = request.headers[.contentLength].flatMap({ Int($0) }) {
+            guard length <= limit else { throw BridgeError.requestTooLarge(limit: limit) }
+            expected = length
+        }
+        var buffer = ByteBufferAllocator().buffer(capacity: expected)
+        for try await part in request.body {
+            guard buffer.readableBytes + part.readableBytes <= limit else {
+                throw BridgeError.requestTooLarge(limit: limit)
+            }
+            buffer.writeImmutableBuffer(part)
+        }
+        return buffer
+    }
+}
+
+/// The bookkeeping of one answered chat: relays a stream while reading its usage, and commits the usage record
+/// before the answer's last byte.
+struct Accounting: Sendable {
+    let bridge: Bridge
+    let exchange: Exchange
+    let admission: Admission
+    let chat: ChatRequest
+    let status: HTTPResponse.Status
+
+    struct Outcome {
+        var clientDisconnected = false
+    }
+
+    func commit(usage: Usage, clientDisconnected: Bool) async {
+        bridge.metrics.tokensUsed(model: chat.model, usage: usage)
+        await bridge.recorder.record(
+            UsageRecord(
+                requestID: exchange.requestID, finishedAt: bridge.clock.now(), admission: admission,
+                statusCode: Int(status.code), usage: usage, isStreaming: chat.isStreaming,
+                latency: ContinuousClock.now - exchange.started, clientDisconnected: clientDisconnected,
+                clientAddress: exchange.clientAddress, forwardedFor: exchange.forwardedFor))
+    }
+
+    /// Passes Circuit's event stream to the client as it arrives. Stops reading Circuit (which cancels its request)
+    /// when the client goes away; turns a failure of Circuit mid-stream into a final SSE error event.
+    func relay(_ upstream: HTTPClientResponse.Body, to writer: inout any ResponseBodyWriter) async -> Outcome {
+        var filter = ServerSentEventFilter(hidesUsageChunk: !chat.clientWantsUsage)
+        var outcome = Outcome()
+        var failure: BridgeError?
+        do {
+            for try await chunk in upstream {
+                guard let out = filter.consume(chunk) else { continue }
+                do {
+                    try await writer.write(out)
+                } catch {
+                    outcome.clientDisconnected = true
+                    break
+                }
+            }
+        } catch {
+            failure = CircuitClient.classify(error, logger: bridge.logger)
+        }
+        let tail = outcome.clientDisconnected ? nil : filter.finish()
+        await commit(usage: filter.usage ?? .zero, clientDisconnected: outcome.clientDisconnected)
+        if outcome.clientDisconnected {
+            bridge.logger.info("client disconnected mid-stream", metadata: ["request_id": "\(exchange.requestID)"])
+            return outcome
+        }
+        do {
+            if let tail { try await writer.write(tail) }
+            if let failure, !filter.sawDone {
+                var event = ByteBuffer(string: "data: ")
+                event.writeBytes(failure.body)
+                event.writeString("\n\n")
+                try await writer.write(event)
+            }
+            try await writer.finish(nil)
+        } catch {
+            outcome.clientDisconnected = true
+        }
+        return outcome
+    }
+}

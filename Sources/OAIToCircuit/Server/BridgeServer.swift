@@ -1,0 +1,146 @@
+import AsyncHTTPClient
+import Foundation
+import Hummingbird
+import HummingbirdTLS
+import Logging
+import NIOCore
+import NIOPosix
+import NIOSSL
+import ServiceLifecycle
+
+/// Assembles and runs the bridge: one shared `HTTPClient`, the HTTP and/or HTTPS listeners over one responder,
+/// graceful shutdown on SIGTERM/SIGINT within `SHUTDOWN_GRACE_SECONDS`.
+public enum BridgeServer {
+    public enum Scheme: String, Sendable {
+        case http
+        case https
+    }
+
+    /// The client for Circuit, its token endpoint and Splunk, sized for a proxy. `UPSTREAM_TIMEOUT_SECONDS` is its
+    /// read timeout: the longest silence allowed while waiting for a response head or between two chunks.
+    public static func makeHTTPClient(_ configuration: BridgeConfiguration) -> HTTPClient {
+        var client = HTTPClient.Configuration()
+        client.timeout = .init(connect: .seconds(10), read: TimeAmount(configuration.upstreamTimeout))
+        client.connectionPool = .init(
+            idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: configuration.upstreamMaxConnections)
+        client.redirectConfiguration = .disallow
+        client.decompression = .disabled
+        return HTTPClient(eventLoopGroup: MultiThreadedEventLoopGroup.singleton, configuration: client)
+    }
+
+    /// The bridge with this issue's default seams: every subkey passes, no limits, usage as debug log lines.
+    public static func makeBridge(
+        configuration: BridgeConfiguration, httpClient: HTTPClient, clock: BridgeClock = .system, logger: Logger
+    ) -> Bridge {
+        let metrics = BridgeMetrics(models: configuration.models)
+        let tokens = TokenProvider(
+            credentials: configuration.credentials, tokenURL: configuration.tokenURL, httpClient: httpClient, clock: clock,
+            timeout: configuration.upstreamTimeout, metrics: metrics, logger: logger)
+        let circuit = CircuitClient(
+            httpClient: httpClient, tokens: tokens, base: configuration.circuitBase, apiVersion: configuration.apiVersion,
+            timeout: configuration.upstreamTimeout)
+        return Bridge(
+            configuration: configuration, circuit: circuit, recorder: LoggingUsageRecorder(logger: logger), metrics: metrics,
+            clock: clock, logger: logger)
+    }
+
+    /// One `Application` per listener the configuration asks for, sharing one responder.
+    /// `onListening` is told each listener's scheme and bound port (useful with port 0).
+    public static func listeners(
+        for bridge: Bridge, onListening: @escaping @Sendable (Scheme, Int) async -> Void = { _, _ in }
+    ) throws -> [any Service] {
+        let listener = bridge.configuration.listener
+        let responder = BridgeResponder(bridge: bridge)
+        var logger = bridge.logger
+        logger.logLevel = max(logger.logLevel, .notice)  // Hummingbird's own per-connection chatter
+        var services: [any Service] = []
+        if listener.tls != .only {
+            services.append(
+                Application(
+                    responder: responder,
+                    configuration: .init(address: .hostname(listener.host, port: listener.port)),
+                    onServerRunning: { channel in await onListening(.http, channel.localAddress?.port ?? listener.port) },
+                    logger: logger))
+        }
+        if listener.tls != .off {
+            let tls = try tlsConfiguration(certificate: listener.certificatePath, privateKey: listener.privateKeyPath)
+            services.append(
+                Application(
+                    responder: responder, server: try .tls(.http1(), tlsConfiguration: tls),
+                    configuration: .init(address: .hostname(listener.host, port: listener.sslPort)),
+                    onServerRunning: { channel in await onListening(.https, channel.localAddress?.port ?? listener.sslPort) },
+                    logger: logger))
+        }
+        return services
+    }
+
+    /// Loads the PEM certificate chain and key, with errors that name the file and how to make one.
+    static func tlsConfiguration(certificate: String, privateKey: String) throws -> TLSConfiguration {
+        let hint = "create one with `oai-to-circuit cert generate`"
+        guard FileManager.default.isReadableFile(atPath: certificate) else {
+            throw ConfigurationError("--cert", "cannot read the certificate file \(certificate); \(hint)")
+        }
+        guard FileManager.default.isReadableFile(atPath: privateKey) else {
+            throw ConfigurationError("--key", "cannot read the private key file \(privateKey); \(hint)")
+        }
+        let chain: [NIOSSLCertificate]
+        do {
+            chain = try NIOSSLCertificate.fromPEMFile(certificate)
+        } catch {
+            throw ConfigurationError("--cert", "\(certificate) does not hold a PEM certificate; \(hint)")
+        }
+        guard !chain.isEmpty else {
+            throw ConfigurationError("--cert", "\(certificate) does not hold a PEM certificate; \(hint)")
+        }
+        let key: NIOSSLPrivateKey
+        do {
+            key = try NIOSSLPrivateKey(file: privateKey, format: .pem)
+        } catch {
+            throw ConfigurationError("--key", "\(privateKey) does not hold a PEM private key; \(hint)")
+        }
+        return TLSConfiguration.makeServerConfiguration(
+            certificateChain: chain.map { .certificate($0) }, privateKey: .privateKey(key))
+    }
+
+    /// `oai-to-circuit serve`: runs until SIGTERM or SIGINT, then stops accepting, lets in-flight requests and
+    /// streams finish within the grace period, and shuts the HTTP client down.
+    public static func run(configuration: BridgeConfiguration, logger: Logger) async throws {
+        let httpClient = makeHTTPClient(configuration)
+        do {
+            let bridge = makeBridge(configuration: configuration, httpClient: httpClient, logger: logger)
+            let services = try listeners(for: bridge) { scheme, port in
+                logger.notice(
+                    "listening", metadata: ["scheme": "\(scheme.rawValue)", "host": "\(configuration.listener.host)", "port": "\(port)"])
+            }
+            announce(configuration, logger: logger)
+            var group = ServiceGroupConfiguration(
+                services: services.map { .init(service: $0) }, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+            group.maximumGracefulShutdownDuration = configuration.shutdownGrace
+            group.maximumCancellationDuration = .seconds(5)
+            try await ServiceGroup(configuration: group).run()
+        } catch {
+            try? await httpClient.shutdown()
+            throw error
+        }
+        try await httpClient.shutdown()
+        logger.notice("stopped")
+    }
+
+    private static func announce(_ configuration: BridgeConfiguration, logger: Logger) {
+        if configuration.credentials == nil {
+            logger.warning("CIRCUIT_CLIENT_ID and CIRCUIT_CLIENT_SECRET are not set: chat requests will answer 502")
+        }
+        if configuration.appKey.isEmpty {
+            logger.warning("CIRCUIT_APPKEY is not set: Circuit may refuse requests")
+        }
+        if !configuration.requireSubkey {
+            logger.warning("REQUIRE_SUBKEY is off: requests without a subkey are served anonymously")
+        }
+        logger.info(
+            "oai-to-circuit starting",
+            metadata: [
+                "version": "\(BridgeVersion.current)", "circuit": "\(configuration.circuitBase)",
+                "token_url": "\(configuration.tokenURL)", "models": "\(configuration.models.joined(separator: ","))",
+            ])
+    }
+}

@@ -1,0 +1,91 @@
+import CoreMetrics
+import Prometheus
+import Synchronization
+
+/// The bridge's Prometheus metrics, made through swift-metrics with an injected factory (never the global one).
+/// Model labels are bounded: a configured model keeps its name, anything else is `other`.
+public final class BridgeMetrics: Sendable {
+    /// The registry `/metrics` renders.
+    public let registry: PrometheusCollectorRegistry
+    private let factory: PrometheusMetricsFactory
+    private let knownModels: Set<String>
+    let tokenRefreshes: CoreMetrics.Counter
+    let tokenRefreshFailures: CoreMetrics.Counter
+    let usageRecordFailures: CoreMetrics.Counter
+    private let instruments = Mutex<[String: AnyObject]>([:])
+
+    public init(models: [String], registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
+        self.registry = registry
+        var factory = PrometheusMetricsFactory(registry: registry)
+        factory.defaultDurationHistogramBuckets = [
+            .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50), .milliseconds(100),
+            .milliseconds(250), .milliseconds(500), .seconds(1), .milliseconds(2500), .seconds(5), .seconds(10),
+            .seconds(30), .seconds(60), .seconds(120), .seconds(300),
+        ]
+        self.factory = factory
+        self.knownModels = Set(models)
+        self.tokenRefreshes = CoreMetrics.Counter(label: "oai_to_circuit_token_refreshes_total", factory: factory)
+        self.tokenRefreshFailures = CoreMetrics.Counter(label: "oai_to_circuit_token_refresh_failures_total", factory: factory)
+        self.usageRecordFailures = CoreMetrics.Counter(label: "oai_to_circuit_usage_record_failures_total", factory: factory)
+    }
+
+    /// `model` if configured, `none` when the request named none, else `other`.
+    func modelLabel(_ model: String?) -> String {
+        guard let model else { return "none" }
+        return knownModels.contains(model) ? model : "other"
+    }
+
+    /// One finished request: counted by route, status and model; its whole duration observed by route.
+    func requestFinished(route: String, status: Int, model: String?, duration: Duration) {
+        let dimensions = [("route", route), ("status", String(status)), ("model", modelLabel(model))]
+        counter("oai_to_circuit_requests_total", dimensions).increment()
+        timer("oai_to_circuit_request_duration_seconds", [("route", route)]).record(duration: duration)
+    }
+
+    /// Time from sending a request to Circuit to receiving its response head.
+    func upstreamResponded(model: String, status: Int, after duration: Duration) {
+        timer("oai_to_circuit_upstream_duration_seconds", [("model", modelLabel(model))]).record(duration: duration)
+    }
+
+    func tokensUsed(model: String, usage: Usage) {
+        let label = modelLabel(model)
+        if usage.promptTokens > 0 {
+            counter("oai_to_circuit_tokens_total", [("model", label), ("kind", "prompt")]).increment(by: usage.promptTokens)
+        }
+        if usage.completionTokens > 0 {
+            counter("oai_to_circuit_tokens_total", [("model", label), ("kind", "completion")])
+                .increment(by: usage.completionTokens)
+        }
+    }
+
+    private func counter(_ label: String, _ dimensions: [(String, String)]) -> CoreMetrics.Counter {
+        instrument(label, dimensions) { CoreMetrics.Counter(label: label, dimensions: dimensions, factory: factory) }
+    }
+
+    private func timer(_ label: String, _ dimensions: [(String, String)]) -> CoreMetrics.Timer {
+        instrument(label, dimensions) { CoreMetrics.Timer(label: label, dimensions: dimensions, factory: factory) }
+    }
+
+    /// Instruments are cached so the request path does not rebuild them (the set is bounded by the labels).
+    private func instrument<Instrument: AnyObject>(
+        _ label: String, _ dimensions: [(String, String)], make: () -> Instrument
+    ) -> Instrument {
+        var key = label
+        for (name, value) in dimensions {
+            key += "|\(name)=\(value)"
+        }
+        return instruments.withLock { cache in
+            if let existing = cache[key] as? Instrument { return existing }
+            let made = make()
+            cache[key] = made
+            return made
+        }
+    }
+}
+
+extension CoreMetrics.Timer {
+    func record(duration: Duration) {
+        let (seconds, attoseconds) = duration.components
+        recordNanoseconds(seconds * 1_000_000_000 + attoseconds / 1_000_000_000)
+    }
+}

@@ -1,0 +1,8 @@
+import OAIToCircuit
+
+@main
+struct Entry {
+    static func main() async {
+        await OAIToCircuitCommand.main()
+    }
+}
