@@ -31,6 +31,7 @@ public final class FakeCircuit: Sendable {
         public var method: String
         public var path: String
         public var query: String
+        /// Keyed by lower-case name.
         public var headers: [String: String]
         public var body: [UInt8]
         public var json: [String: any Sendable]? {
@@ -105,7 +106,7 @@ public final class FakeCircuit: Sendable {
         guard let key = request.headers["api-key"], !settings.refuseEveryToken, tokens?.isValid(key) ?? true else {
             return error(401, code: "401", "Access denied due to invalid subscription key or wrong API endpoint.")
         }
-        guard request.headers["Content-Type"]?.hasPrefix("application/json") == true else {
+        guard request.headers["content-type"]?.hasPrefix("application/json") == true else {
             return error(415, code: "UnsupportedMediaType", "Content-Type must be application/json")
         }
         guard let body = request.json else { return error(400, code: "BadRequest", "Invalid JSON body") }

@@ -1,0 +1,215 @@
+import AsyncHTTPClient
+import CircuitFakes
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import NIOSSL
+import ServiceLifecycle
+import Testing
+
+@testable import OAIToCircuit
+
+/// A running bridge on ephemeral loopback ports, wired to a fake Circuit and a fake token endpoint, with a
+/// recording usage recorder, a log capture and a clock the test can move.
+struct Harness {
+    let tokens: FakeTokenEndpoint
+    let circuit: FakeCircuit
+    let bridge: Bridge
+    let recorder: RecordingRecorder
+    let logs: LogCapture
+    let clock: ManualClock
+    let client: HTTPClient
+    let httpPort: Int?
+    let httpsPort: Int?
+    let group: ServiceGroup
+
+    var baseURL: String { "http://127.0.0.1:\(httpPort!)" }
+    var httpsURL: String { "https://127.0.0.1:\(httpsPort!)" }
+
+    static let subkey = "sk-team-member-0123456789"
+
+    /// The environment a test starts from; `overrides` replace it, and an empty value removes a variable.
+    static func environment(tokens: FakeTokenEndpoint, circuit: FakeCircuit, overrides: [String: String]) -> [String: String] {
+        var environment = [
+            "CIRCUIT_CLIENT_ID": "client-id", "CIRCUIT_CLIENT_SECRET": "client-secret", "CIRCUIT_APPKEY": "test-appkey",
+            "CIRCUIT_BASE": circuit.baseURL, "TOKEN_URL": tokens.url, "UPSTREAM_TIMEOUT_SECONDS": "5",
+        ]
+        for (name, value) in overrides { environment[name] = value }
+        return environment
+    }
+
+    /// Runs `body` against a fresh bridge, and shuts everything down on every path.
+    static func with(
+        environment overrides: [String: String] = [:],
+        listener: BridgeConfiguration.Listener? = nil,
+        circuitSettings: FakeCircuit.Settings = FakeCircuit.Settings(),
+        tokenSettings: FakeTokenEndpoint.Settings = FakeTokenEndpoint.Settings(),
+        trusting certificate: String? = nil,
+        _ body: (Harness) async throws -> Void
+    ) async throws {
+        let tokens = try await FakeTokenEndpoint.start(tokenSettings)
+        let circuit = try await FakeCircuit.start(tokens: tokens, settings: circuitSettings)
+        var clientConfiguration = HTTPClient.Configuration()
+        if let certificate {
+            var tls = TLSConfiguration.makeClientConfiguration()
+            tls.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile(certificate))
+            clientConfiguration.tlsConfiguration = tls
+        }
+        clientConfiguration.timeout = .init(connect: .seconds(5), read: .seconds(30))
+        let client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: clientConfiguration)
+        var upstream: HTTPClient?
+        do {
+            var defaultListener = BridgeConfiguration.Listener()
+            defaultListener.host = "127.0.0.1"
+            defaultListener.port = 0
+            defaultListener.sslPort = 0
+            let configuration = try BridgeConfiguration(
+                environment: environment(tokens: tokens, circuit: circuit, overrides: overrides),
+                listener: listener ?? defaultListener)
+            let logs = LogCapture()
+            let logger = logs.logger()
+            let clock = ManualClock()
+            let httpClient = BridgeServer.makeHTTPClient(configuration)
+            upstream = httpClient
+            var bridge = BridgeServer.makeBridge(
+                configuration: configuration, httpClient: httpClient, clock: clock.bridgeClock, logger: logger)
+            let recorder = RecordingRecorder()
+            bridge.recorder = recorder
+            let (ports, portSource) = AsyncStream<(BridgeServer.Scheme, Int)>.makeStream()
+            let services = try BridgeServer.listeners(for: bridge) { scheme, port in portSource.yield((scheme, port)) }
+            let group = ServiceGroup(configuration: .init(services: services, gracefulShutdownSignals: [], logger: logger))
+            async let running: Void = group.run()
+            var httpPort: Int?
+            var httpsPort: Int?
+            for await (scheme, port) in ports.prefix(services.count) {
+                if scheme == .http { httpPort = port } else { httpsPort = port }
+            }
+            let harness = Harness(
+                tokens: tokens, circuit: circuit, bridge: bridge, recorder: recorder, logs: logs, clock: clock,
+                client: client, httpPort: httpPort, httpsPort: httpsPort, group: group)
+            do {
+                try await body(harness)
+            } catch {
+                await group.triggerGracefulShutdown()
+                try? await running
+                throw error
+            }
+            await group.triggerGracefulShutdown()
+            try await running
+        } catch {
+            try? await upstream?.shutdown()
+            try? await client.shutdown()
+            await circuit.stop()
+            await tokens.stop()
+            throw error
+        }
+        try await upstream?.shutdown()
+        try await client.shutdown()
+        await circuit.stop()
+        await tokens.stop()
+    }
+
+    // MARK: Requests
+
+    struct Answer {
+        var status: Int
+        var headers: HTTPHeaders
+        var body: String
+        var json: [String: Any]? { (try? JSONSerialization.jsonObject(with: Data(body.utf8))) as? [String: Any] }
+        var error: [String: Any]? { json?["error"] as? [String: Any] }
+    }
+
+    func request(
+        _ method: HTTPMethod = .POST, _ path: String, body: String? = nil, subkey: String? = Harness.subkey,
+        headers: [(String, String)] = [], https: Bool = false
+    ) async throws -> Answer {
+        var request = HTTPClientRequest(url: (https ? httpsURL : baseURL) + path)
+        request.method = method
+        if let subkey { request.headers.add(name: "Authorization", value: "Bearer \(subkey)") }
+        for (name, value) in headers { request.headers.add(name: name, value: value) }
+        if let body {
+            request.headers.add(name: "Content-Type", value: "application/json")
+            request.body = .bytes(ByteBuffer(string: body))
+        }
+        let response = try await client.execute(request, timeout: .seconds(30))
+        let bytes = try await response.body.collect(upTo: 64 << 20)
+        return Answer(status: Int(response.status.code), headers: response.headers, body: String(buffer: bytes))
+    }
+
+    func chat(_ body: String, subkey: String? = Harness.subkey, headers: [(String, String)] = []) async throws -> Answer {
+        try await request(.POST, "/v1/chat/completions", body: body, subkey: subkey, headers: headers)
+    }
+
+    static func chatBody(model: String = "gpt-4o", stream: Bool = false, extra: String = "") -> String {
+        #"{"model": "\#(model)", "messages": [{"role": "user", "content": "hi"}]\#(stream ? #", "stream": true"# : "")\#(extra)}"#
+    }
+}
+
+/// Asserts the bridge's own error shape: status, `error.code`, `error.message`, `error.type` and `detail`.
+func expectError(
+    _ answer: Harness.Answer, status: Int, code: String, message: String? = nil, sourceLocation: SourceLocation = #_sourceLocation
+) {
+    #expect(answer.status == status, "body: \(answer.body)", sourceLocation: sourceLocation)
+    let error = answer.error
+    #expect(error?["code"] as? String == code, "body: \(answer.body)", sourceLocation: sourceLocation)
+    let actual = error?["message"] as? String
+    if let message { #expect(actual == message, sourceLocation: sourceLocation) }
+    #expect(answer.json?["detail"] as? String == actual, sourceLocation: sourceLocation)
+    #expect(error?["type"] as? String == BridgeError(status: .init(code: status), code: code, message: "").type, sourceLocation: sourceLocation)
+    #expect(answer.headers.first(name: "content-type") == "application/json", sourceLocation: sourceLocation)
+}
+
+/// A clock that starts at the real time and moves only when told.
+final class ManualClock: Sendable {
+    private let offset = NIOLockedValueBox<Double>(0)
+    private let start = Date().timeIntervalSince1970
+
+    var bridgeClock: BridgeClock {
+        BridgeClock { [self] in start + offset.withLockedValue { $0 } }
+    }
+
+    func advance(by seconds: Double) { offset.withLockedValue { $0 += seconds } }
+}
+
+/// Keeps what the bridge would account, so tests can wait for a record instead of sleeping.
+final class RecordingRecorder: UsageRecorder {
+    let usage = Journal<UsageRecord>()
+    let refusals = Journal<RefusalRecord>()
+
+    func record(_ usage: UsageRecord) async { await self.usage.append(usage) }
+    func record(_ refusal: RefusalRecord) async { await refusals.append(refusal) }
+}
+
+/// Every log line at every level, rendered with its metadata, so tests can search them for secrets.
+final class LogCapture: Sendable {
+    private let lines = NIOLockedValueBox<[String]>([])
+
+    func logger() -> Logger {
+        var logger = Logger(label: "test") { _ in Handler(capture: self) }
+        logger.logLevel = .trace
+        return logger
+    }
+
+    var all: [String] { lines.withLockedValue { $0 } }
+
+    fileprivate func append(_ line: String) { lines.withLockedValue { $0.append(line) } }
+
+    struct Handler: LogHandler {
+        let capture: LogCapture
+        var metadata: Logger.Metadata = [:]
+        var logLevel: Logger.Level = .trace
+
+        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+            get { metadata[key] }
+            set { metadata[key] = newValue }
+        }
+
+        func log(event: LogEvent) {
+            var all = metadata
+            if let extra = event.metadata { all.merge(extra) { $1 } }
+            capture.append("\(event.level) \(event.message) \(all.map { "\($0)=\($1)" }.sorted().joined(separator: " "))")
+        }
+    }
+}

@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# End-to-end check that the official `openai` Python SDK works through the bridge:
+# starts fake-circuit and the bridge on 127.0.0.1, runs scripts/sdk_check.py against
+# them, and checks that invalid configuration stops the bridge with status 78.
+# Usage (after `swift build`): [BIN_DIR=.build/debug] bash scripts/sdk-check.sh
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+BIN_DIR=${BIN_DIR:-.build/debug}
+BRIDGE=$BIN_DIR/oai-to-circuit
+FAKE=$BIN_DIR/fake-circuit
+VENV=.build-venv-sdk
+PY=$VENV/bin/python
+
+# All test traffic stays on loopback, even where a proxy is configured for pip.
+export NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost
+
+passed=0 failed=0
+pass() { echo "PASS $1"; passed=$((passed + 1)); }
+fail() { echo "FAIL $1"; failed=$((failed + 1)); }
+
+work=$(mktemp -d)
+fake_pid= bridge_pid= log_shown=
+show_bridge_log() {
+    [[ -n $log_shown || ! -s $work/bridge.log ]] && return 0
+    log_shown=1
+    echo "--- bridge log ---"; cat "$work/bridge.log"; echo "--- end of bridge log ---"
+}
+stop() {  # SIGTERM, then SIGKILL if it has not gone within 5 s
+    [[ -n $1 ]] || return 0
+    kill "$1" 2>/dev/null || return 0
+    for _ in $(seq 50); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+on_exit() {
+    local status=$?
+    stop "$bridge_pid"; stop "$fake_pid"
+    (( status == 0 )) || show_bridge_log
+    rm -rf "$work"
+}
+trap on_exit EXIT
+
+for _ in $(seq 100); do [[ -x $BRIDGE && -x $FAKE ]] && break; sleep 0.1; done
+[[ -x $BRIDGE && -x $FAKE ]] || { echo "missing $BRIDGE or $FAKE: run swift build first" >&2; exit 1; }
+
+# A private virtualenv, so the SDK never touches the system Python. Debian's python3
+# may lack ensurepip (package python3-venv): then make the venv without pip and
+# install into it with the system pip.
+if ! "$PY" -c 'import openai' 2>/dev/null; then
+    if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
+        rm -rf "$VENV"; python3 -m venv --without-pip "$VENV"
+    fi
+    if "$PY" -m pip --version >/dev/null 2>&1; then
+        "$PY" -m pip install --quiet --disable-pip-version-check openai
+    else
+        python3 -m pip --python "$PY" install --quiet --disable-pip-version-check openai
+    fi
+fi
+
+# fake-circuit picks its own ports and announces them in one line; wait for the whole line.
+"$FAKE" >"$work/fake.out" 2>"$work/fake.log" </dev/null &
+fake_pid=$!
+line=
+for _ in $(seq 100); do
+    if [[ $(wc -l <"$work/fake.out") -ge 1 ]]; then line=$(head -n 1 "$work/fake.out"); break; fi
+    kill -0 "$fake_pid" 2>/dev/null || break
+    sleep 0.1
+done
+url='http://127\.0\.0\.1:[0-9]+'
+if [[ ! $line =~ ^CIRCUIT_BASE=($url)\ TOKEN_URL=($url/[^ ]+)$ ]]; then
+    echo "fake-circuit did not announce its ports; got: '$line'" >&2; cat "$work/fake.log" >&2; exit 1
+fi
+circuit_base=${BASH_REMATCH[1]} token_url=${BASH_REMATCH[2]}
+
+# A clean environment: a developer's own CIRCUIT_*/SPLUNK_* settings must not leak in.
+bridge_env=(env -i "PATH=$PATH" "HOME=${HOME:-/tmp}"
+    CIRCUIT_CLIENT_ID=client-id CIRCUIT_CLIENT_SECRET=client-secret CIRCUIT_APPKEY=test-appkey
+    "CIRCUIT_BASE=$circuit_base" "TOKEN_URL=$token_url" REQUIRE_SUBKEY=true LOG_LEVEL=info
+    "QUOTA_DB_PATH=$work/quota.db" "QUOTAS_JSON_PATH=$work/quotas.json")
+
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
+"${bridge_env[@]}" "$BRIDGE" serve --host 127.0.0.1 --port "$port" >"$work/bridge.log" 2>&1 </dev/null &
+bridge_pid=$!
+
+# Wait (at most ~10 s) for /health to answer 200.
+if "$PY" - "$port" <<'PYEOF'; then pass "bridge: /health answers 200"; else fail "bridge: /health never answered 200"; fi
+import sys, time, urllib.request
+for _ in range(100):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=1) as response:
+            if response.status == 200:
+                sys.exit(0)
+    except OSError:
+        pass
+    time.sleep(0.1)
+sys.exit(1)
+PYEOF
+if grep "listening" "$work/bridge.log" | grep -qw "port=$port"; then pass "bridge: logs listening port=$port"
+else fail "bridge: no 'listening ... port=$port' log line"; fi
+
+if (( failed == 0 )); then
+    sdk_status=0
+    BASE_URL="http://127.0.0.1:$port/v1" "$PY" scripts/sdk_check.py | tee "$work/sdk.out" || sdk_status=$?
+    sdk_passed=$(grep -c '^PASS ' "$work/sdk.out" || true)
+    sdk_failed=$(grep -c '^FAIL ' "$work/sdk.out" || true)
+    passed=$((passed + sdk_passed)) failed=$((failed + sdk_failed))
+    if (( sdk_status != 0 && sdk_failed == 0 )); then fail "sdk_check.py exited with status $sdk_status"; fi
+fi
+
+# Invalid configuration must exit 78 (EX_CONFIG) with a message naming the culprit.
+expect_config_error() {  # name, text stderr must contain, command (env assignments first)...
+    local name=$1 want=$2 status=0
+    shift 2
+    timeout 20 "${bridge_env[@]}" "$@" >"$work/config.out" 2>"$work/config.err" </dev/null || status=$?
+    if (( status == 78 )) && grep -qF -- "$want" "$work/config.err"; then pass "config: $name"
+    else fail "config: $name: status $status, stderr: $(head -c 500 "$work/config.err")"; fi
+}
+expect_config_error "REQUIRE_SUBKEY=maybe exits 78" REQUIRE_SUBKEY \
+    REQUIRE_SUBKEY=maybe "$BRIDGE" serve --host 127.0.0.1 --port 0
+expect_config_error "UPSTREAM_TIMEOUT_SECONDS=abc exits 78" UPSTREAM_TIMEOUT_SECONDS \
+    UPSTREAM_TIMEOUT_SECONDS=abc "$BRIDGE" serve --host 127.0.0.1 --port 0
+expect_config_error "missing certificate exits 78" "oai-to-circuit cert generate" \
+    "$BRIDGE" serve --host 127.0.0.1 --ssl-only --ssl-port 0 --cert /nonexistent.pem --key /nonexistent-key.pem
+
+(( failed == 0 )) || show_bridge_log
+echo "$passed passed, $failed failed"
+(( failed == 0 ))

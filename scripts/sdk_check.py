@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""End-to-end check: the official `openai` Python SDK works through the bridge.
+
+Run by scripts/sdk-check.sh against a bridge backed by fake-circuit, with
+BASE_URL=http://127.0.0.1:N/v1. Prints one PASS/FAIL line per check and exits
+non-zero if any check failed.
+"""
+import asyncio
+import json
+import os
+import sys
+import traceback
+import urllib.error
+import urllib.request
+
+import openai
+from openai import AsyncOpenAI, OpenAI
+
+BASE_URL = os.environ["BASE_URL"]
+SUBKEY = "team-member-subkey"  # test value; never printed
+GREETING = "Hello from fake Circuit"
+MODELS = ["gpt-4.1", "gpt-4o-mini", "gpt-4o", "o4-mini", "o3", "gemini-2.5-flash", "gemini-2.5-pro"]
+MESSAGES = [{"role": "user", "content": "Say hello."}]
+
+# No retries: a retried failure would hide what the bridge answered first.
+client = OpenAI(base_url=BASE_URL, api_key=SUBKEY, max_retries=0, timeout=30)
+checks = []
+
+
+def check(fn):
+    checks.append(fn)
+    return fn
+
+
+def expect(condition, message):
+    if not condition:
+        raise AssertionError(message)
+
+
+def stream_text(chunks):
+    return "".join(c.delta.content or "" for chunk in chunks for c in chunk.choices)
+
+
+@check
+def chat_completion():
+    completion = client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    content = completion.choices[0].message.content
+    expect(content == GREETING, f"content {content!r}")
+    expect(completion.usage.total_tokens == 18, f"usage {completion.usage}")
+
+
+@check
+def streamed_chat_completion():
+    chunks = list(client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
+    expect(stream_text(chunks) == GREETING, f"deltas {stream_text(chunks)!r}")
+    # Circuit always sends a usage chunk; the bridge must drop it when the client didn't ask.
+    with_usage = [chunk.usage for chunk in chunks if chunk.usage is not None]
+    expect(not with_usage, f"unrequested usage {with_usage}")
+
+
+@check
+def streamed_usage_when_asked():
+    chunks = list(client.chat.completions.create(
+        model="gpt-4o", messages=MESSAGES, stream=True, stream_options={"include_usage": True}))
+    expect(stream_text(chunks) == GREETING, f"deltas {stream_text(chunks)!r}")
+    last = chunks[-1]
+    expect(last.usage is not None and last.usage.total_tokens == 15, f"last chunk usage {last.usage}")
+    expect(last.choices == [], f"last chunk choices {last.choices}")
+
+
+@check
+def models_list():
+    ids = [model.id for model in client.models.list()]
+    expect(sorted(ids) == sorted(MODELS), f"ids {ids}")
+
+
+@check
+def missing_subkey_is_401():
+    try:
+        # An empty key makes the SDK send no Authorization header (older SDKs send "Bearer ").
+        anonymous = OpenAI(base_url=BASE_URL, api_key="", max_retries=0, timeout=30)
+    except openai.OpenAIError:
+        anonymous = None  # this SDK refuses an empty key: ask without one by hand
+    if anonymous is None:
+        request = urllib.request.Request(
+            BASE_URL + "/chat/completions", method="POST", headers={"Content-Type": "application/json"},
+            data=json.dumps({"model": "gpt-4o", "messages": MESSAGES}).encode())
+        try:
+            urllib.request.urlopen(request, timeout=30)
+            raise AssertionError("no error")
+        except urllib.error.HTTPError as e:
+            status, body = e.code, json.load(e)
+    else:
+        try:
+            anonymous.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+            raise AssertionError("no error")
+        except openai.AuthenticationError as e:
+            status, body = e.status_code, e.response.json()
+    expect(status == 401, f"status {status}")
+    expect(body.get("error", {}).get("code") == "subkey_required", f"body {body}")
+    expect("detail" in body, f"no top-level detail in {body}")
+
+
+@check
+def invalid_model_is_400():
+    try:
+        client.chat.completions.create(model="../x", messages=MESSAGES)
+        raise AssertionError("no error")
+    except openai.BadRequestError as e:
+        expect(e.code == "invalid_model", f"code {e.code!r}, body {e.body}")
+
+
+@check
+def circuit_400_passes_through():
+    try:
+        client.chat.completions.create(model="bad-request", messages=MESSAGES)
+        raise AssertionError("no error")
+    except openai.BadRequestError as e:
+        # e.body is the "error" object of Circuit's own answer.
+        expect(e.code == "invalid_request", f"code {e.code!r}, body {e.body}")
+        expect(e.message.endswith("Azure rejected this request"), f"message {e.message!r}")
+
+
+@check
+def request_id_header():
+    raw = client.with_raw_response.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    expect(raw.headers.get("x-request-id"), f"headers {dict(raw.headers)}")
+    expect(raw.parse().choices[0].message.content == GREETING, "content")
+
+
+@check
+def async_streamed_chat_completion():
+    async def run():
+        async with AsyncOpenAI(base_url=BASE_URL, api_key=SUBKEY, max_retries=0, timeout=30) as aclient:
+            stream = await aclient.chat.completions.create(
+                model="gemini-2.5-flash", messages=MESSAGES, stream=True,
+                stream_options={"include_usage": True})
+            return [chunk async for chunk in stream]
+
+    chunks = asyncio.run(run())
+    expect(stream_text(chunks) == GREETING, f"deltas {stream_text(chunks)!r}")
+    expect(chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 15, f"usage {chunks[-1].usage}")
+
+
+def main():
+    print(f"openai SDK {openai.__version__}")
+    failed = 0
+    for fn in checks:
+        try:
+            fn()
+            print(f"PASS sdk: {fn.__name__}")
+        except Exception as e:  # one broken check must not hide the others
+            failed += 1
+            detail = str(e) if isinstance(e, AssertionError) else traceback.format_exc(limit=3)
+            print(f"FAIL sdk: {fn.__name__}: {detail}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
