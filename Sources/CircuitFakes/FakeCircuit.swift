@@ -43,6 +43,10 @@ public final class FakeCircuit: Sendable {
         public var model: String
         /// `false` when the client went away before the stream ended.
         public var completed: Bool
+        public init(model: String, completed: Bool) {
+            self.model = model
+            self.completed = completed
+        }
     }
 
     public let settings: NIOLockedValueBox<Settings>

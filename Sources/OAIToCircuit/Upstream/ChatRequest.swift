@@ -52,7 +52,7 @@ struct ChatRequest: Sendable {
         out.writeInteger(UInt8(ascii: "{"))
         var first = true
         func separator() {
-            if !first { out.writeInteger(UInt8(ascii: ",")) }
+            if !first { out.writeBytes(", ".utf8) }
             first = false
         }
         func write(key: String, value: [UInt8]) {
