@@ -124,7 +124,7 @@ struct CertificateFactoryTests {
 
         let keyUsage = try #require(try extensions.keyUsage)
         #expect(keyUsage.digitalSignature)
-        #expect(!keyUsage.keyCertSign)
+        #expect(keyUsage.keyCertSign)  // lets BoringSSL verify the self-signature when the certificate is the trust anchor
         #expect(extensions[oid: .X509ExtensionID.keyUsage]?.critical == true)
 
         let extendedKeyUsage = try #require(try extensions.extendedKeyUsage)

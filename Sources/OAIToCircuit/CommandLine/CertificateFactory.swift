@@ -55,7 +55,7 @@ public struct CertificateFactory: Sendable {
 
     /// Builds the certificate: ECDSA P-256 key, SHA-256 signature, subject/issuer CN=<hostname> and O=oai-to-circuit,
     /// serial random, notValidBefore = now - 5 minutes, notValidAfter = now + validityDays,
-    /// extensions: basicConstraints CA:false (critical), keyUsage digitalSignature (critical), extendedKeyUsage serverAuth,
+    /// extensions: basicConstraints CA:false (critical), keyUsage digitalSignature and keyCertSign (critical; strict verifiers such as BoringSSL check the self-signature against it when the certificate is its own trust anchor), extendedKeyUsage serverAuth,
     /// subjectAlternativeName with DNS names {hostname (if it is not an IP literal), "localhost"} and IP addresses
     /// {127.0.0.1, ::1, and hostname itself if it IS an IPv4/IPv6 literal} — IP SANs are encoded as iPAddress entries
     /// (4 or 16 raw bytes), never as DNS names; no duplicates.
@@ -79,7 +79,7 @@ public struct CertificateFactory: Sendable {
         let subjectAlternativeNames = SubjectAlternativeNames(Self.subjectAlternativeNames(for: self.hostname))
         let extensions = try Certificate.Extensions {
             Critical(BasicConstraints.notCertificateAuthority)
-            Critical(KeyUsage(digitalSignature: true))
+            Critical(KeyUsage(digitalSignature: true, keyCertSign: true))
             extendedKeyUsage
             subjectAlternativeNames
         }

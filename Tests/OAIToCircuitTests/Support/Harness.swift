@@ -89,13 +89,16 @@ struct Harness {
             let harness = Harness(
                 tokens: tokens, circuit: circuit, bridge: bridge, recorder: recorder, logs: logs, clock: clock,
                 client: client, httpPort: httpPort, httpsPort: httpsPort, group: group)
+            // The test client goes first, so the server has no idle keep-alive connection left to wind down.
             do {
                 try await body(harness)
             } catch {
+                try? await client.shutdown()
                 await group.triggerGracefulShutdown()
                 try? await running
                 throw error
             }
+            try? await client.shutdown()
             await group.triggerGracefulShutdown()
             try await running
         } catch {
@@ -106,7 +109,6 @@ struct Harness {
             throw error
         }
         try await upstream?.shutdown()
-        try await client.shutdown()
         await circuit.stop()
         await tokens.stop()
     }
