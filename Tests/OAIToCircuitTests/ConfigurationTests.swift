@@ -1,0 +1,125 @@
+import Foundation
+import Logging
+import Testing
+
+@testable import OAIToCircuit
+
+@Suite struct ConfigurationTests {
+    @Test func defaults() throws {
+        let configuration = try BridgeConfiguration(environment: [:])
+        #expect(configuration.credentials == nil)
+        #expect(configuration.circuitBase.string == "https://chat-ai.cisco.com")
+        #expect(configuration.tokenURL.string == "https://id.cisco.com/oauth2/default/v1/token")
+        #expect(configuration.apiVersion == "2025-04-01-preview")
+        #expect(configuration.requireSubkey)
+        #expect(configuration.maxRequestBytes == 16 * 1024 * 1024)
+        #expect(configuration.upstreamTimeout == .seconds(90))
+        #expect(configuration.shutdownGrace == .seconds(30))
+        #expect(configuration.logLevel == .info)
+        #expect(configuration.models == BridgeConfiguration.knownModels)
+        #expect(configuration.quotaDatabasePath == "quota.db" && configuration.quotasJSONPath == "quotas.json")
+        #expect(!configuration.splunk.isEnabled && configuration.splunk.index == "main")
+        #expect(configuration.corsAllowOrigins.isEmpty)
+    }
+
+    @Test func emptyValuesAreUnset() throws {
+        let configuration = try BridgeConfiguration(environment: [
+            "SPLUNK_HEC_URL": "", "CIRCUIT_BASE": "", "REQUIRE_SUBKEY": "", "LOG_LEVEL": " ", "CIRCUIT_CLIENT_ID": "id",
+            "CIRCUIT_CLIENT_SECRET": "",
+        ])
+        #expect(configuration.splunk.url == nil)
+        #expect(configuration.circuitBase.string == "https://chat-ai.cisco.com")
+        #expect(configuration.requireSubkey)
+        #expect(configuration.logLevel == .info)
+        #expect(configuration.credentials == nil)
+    }
+
+    @Test(arguments: [
+        ("1", true), ("0", false), ("TRUE", true), ("False", false), ("yes", true), ("NO", false), ("On", true), ("off", false),
+    ])
+    func booleans(_ text: String, _ value: Bool) throws {
+        #expect(try BridgeConfiguration(environment: ["REQUIRE_SUBKEY": text]).requireSubkey == value)
+    }
+
+    @Test(arguments: [
+        ("REQUIRE_SUBKEY", "maybe"), ("SPLUNK_VERIFY_SSL", "2"), ("UPSTREAM_TIMEOUT_SECONDS", "abc"),
+        ("UPSTREAM_TIMEOUT_SECONDS", "0"), ("UPSTREAM_TIMEOUT_SECONDS", "-1"), ("MAX_REQUEST_BYTES", "16MB"),
+        ("MAX_REQUEST_BYTES", "0"), ("SHUTDOWN_GRACE_SECONDS", "soon"), ("LOG_LEVEL", "loud"), ("CIRCUIT_BASE", "ftp://x"),
+        ("CIRCUIT_BASE", "not a url"), ("TOKEN_URL", "https://id.example/token?x=1"), ("SPLUNK_HEC_URL", "splunk:8088"),
+        ("CIRCUIT_MODELS", "gpt-4o,../x"), ("CIRCUIT_MODELS", " , "), ("API_VERSION", "2025&x=1"),
+        ("UPSTREAM_MAX_CONNECTIONS", "0"),
+    ])
+    func invalidValuesNameTheVariable(_ name: String, _ value: String) {
+        #expect {
+            try BridgeConfiguration(environment: [name: value])
+        } throws: { error in
+            (error as? ConfigurationError)?.name == name
+                && (error as? ConfigurationError)?.description.hasPrefix("invalid configuration: \(name): ") == true
+        }
+    }
+
+    @Test(arguments: [
+        ("INFO", Logger.Level.info), ("DEBUG", .debug), ("WARNING", .warning), ("ERROR", .error), ("CRITICAL", .critical),
+        ("trace", .trace), ("notice", .notice), ("Warning", .warning),
+    ])
+    func logLevels(_ text: String, _ level: Logger.Level) throws {
+        #expect(try BridgeConfiguration(environment: ["LOG_LEVEL": text]).logLevel == level)
+    }
+
+    @Test func valuesAreRead() throws {
+        let configuration = try BridgeConfiguration(environment: [
+            "CIRCUIT_CLIENT_ID": "id", "CIRCUIT_CLIENT_SECRET": "secret", "CIRCUIT_BASE": "http://127.0.0.1:9/",
+            "UPSTREAM_TIMEOUT_SECONDS": "2.5", "CIRCUIT_MODELS": "a, b", "CORS_ALLOW_ORIGINS": "https://x, https://y",
+            "MAX_REQUEST_BYTES": "1024",
+        ])
+        #expect(configuration.credentials?.clientSecret == "secret")
+        #expect(!"\(configuration.credentials!)".contains("secret)") && "\(configuration.credentials!)".contains("redacted"))
+        #expect(configuration.circuitBase.string == "http://127.0.0.1:9")
+        #expect(configuration.upstreamTimeout == .milliseconds(2500))
+        #expect(configuration.models == ["a", "b"])
+        #expect(configuration.corsAllowOrigins == ["https://x", "https://y"])
+        #expect(configuration.maxRequestBytes == 1024)
+    }
+
+    @Test func environmentFile() throws {
+        let values = try EnvironmentFile.parse(
+            """
+            # comment
+            CIRCUIT_CLIENT_ID=abc
+
+            export CIRCUIT_APPKEY="quoted value"
+            SPLUNK_INDEX='single'
+            LOG_LEVEL=DEBUG # trailing comment
+            EMPTY=
+            """)
+        #expect(values == ["CIRCUIT_CLIENT_ID": "abc", "CIRCUIT_APPKEY": "quoted value", "SPLUNK_INDEX": "single", "LOG_LEVEL": "DEBUG", "EMPTY": ""])
+        #expect(throws: ConfigurationError.self) { try EnvironmentFile.parse("JUST TEXT") }
+    }
+
+    @Test func processEnvironmentWinsOverTheEnvFile() throws {
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("env-\(UUID().uuidString)")
+        try Data("CIRCUIT_APPKEY=from-file\nAPI_VERSION=2024-01-01\nREQUIRE_SUBKEY=no\n".utf8).write(to: file)
+        defer { try? FileManager.default.removeItem(at: file) }
+        let command = try ServeCommand.parse(["--env-file", file.path, "--port", "8080", "--ssl"])
+        let configuration = try command.makeConfiguration(processEnvironment: ["CIRCUIT_APPKEY": "from-process"])
+        #expect(configuration.appKey == "from-process")
+        #expect(configuration.apiVersion == "2024-01-01")
+        #expect(!configuration.requireSubkey)
+        #expect(configuration.listener.port == 8080 && configuration.listener.tls == .both)
+    }
+
+    @Test func flagsAreValidated() throws {
+        for arguments in [["--port", "http"], ["--port", "70000"], ["--ssl-port=-1"], ["--env-file", "/nonexistent/env"]] {
+            let command = try ServeCommand.parse(arguments)
+            #expect(throws: ConfigurationError.self) { try command.makeConfiguration(processEnvironment: [:]) }
+        }
+        let defaults = try ServeCommand.parse(["--no-reload"]).makeConfiguration(processEnvironment: [:])
+        #expect(defaults.listener == BridgeConfiguration.Listener())
+        #expect(try ServeCommand.parse(["--ssl-only", "--ssl"]).makeConfiguration(processEnvironment: [:]).listener.tls == .only)
+    }
+
+    @Test func serveIsTheDefaultSubcommand() throws {
+        let command = try OAIToCircuitCommand.parseAsRoot(["--port", "9999"])
+        #expect((command as? ServeCommand)?.port == "9999")
+    }
+}
