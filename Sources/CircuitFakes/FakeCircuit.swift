@@ -1,8 +1,8 @@
 import Foundation
 import HTTPTypes
 import Hummingbird
-import NIOCore
 import NIOConcurrencyHelpers
+import NIOCore
 
 /// Circuit's chat API as the bridge sees it, checking the protocol the way the real service does: the deployment
 /// path, `api-version`, JSON headers, an `api-key` the token endpoint issued, and a `user` string carrying an
@@ -65,8 +65,12 @@ public final class FakeCircuit: Sendable {
             var headers: [String: String] = [:]
             for field in request.headers { headers[field.name.canonicalName] = field.value }
             let recorded = RecordedRequest(
-                method: request.method.rawValue, path: request.uri.path, query: request.uri.query ?? "", headers: headers,
-                body: Array(buffer: body))
+                method: request.method.rawValue,
+                path: request.uri.path,
+                query: request.uri.query ?? "",
+                headers: headers,
+                body: Array(buffer: body)
+            )
             await requests.append(recorded)
             let current = box.withLockedValue { $0 }
             return try await answer(recorded, settings: current, tokens: tokens, streams: streams, gate: gate)
@@ -75,7 +79,13 @@ public final class FakeCircuit: Sendable {
         return FakeCircuit(server: server, settings: box, requests: requests, streams: streams, gate: gate)
     }
 
-    private init(server: FakeServer, settings: NIOLockedValueBox<Settings>, requests: Journal<RecordedRequest>, streams: Journal<StreamOutcome>, gate: Gate) {
+    private init(
+        server: FakeServer,
+        settings: NIOLockedValueBox<Settings>,
+        requests: Journal<RecordedRequest>,
+        streams: Journal<StreamOutcome>,
+        gate: Gate
+    ) {
         self.server = server
         self.settings = settings
         self.requests = requests
@@ -94,7 +104,10 @@ public final class FakeCircuit: Sendable {
     // MARK: Answers
 
     private static func answer(
-        _ request: RecordedRequest, settings: Settings, tokens: FakeTokenEndpoint?, streams: Journal<StreamOutcome>,
+        _ request: RecordedRequest,
+        settings: Settings,
+        tokens: FakeTokenEndpoint?,
+        streams: Journal<StreamOutcome>,
         gate: Gate
     ) async throws -> Response {
         let parts = request.path.split(separator: "/", omittingEmptySubsequences: false)
@@ -148,7 +161,11 @@ public final class FakeCircuit: Sendable {
     }
 
     private static func stream(
-        model: String, includeUsage: Bool, settings: Settings, streams: Journal<StreamOutcome>, gate: Gate
+        model: String,
+        includeUsage: Bool,
+        settings: Settings,
+        streams: Journal<StreamOutcome>,
+        gate: Gate
     ) -> Response {
         let crlf = model == "crlf-stream"
         @Sendable func event(_ json: String) -> ByteBuffer {
@@ -170,13 +187,15 @@ public final class FakeCircuit: Sendable {
         headers[.contentType] = "text/event-stream; charset=utf-8"
         headers[.cacheControl] = "no-cache"
         return Response(
-            status: .ok, headers: headers,
+            status: .ok,
+            headers: headers,
             body: ResponseBody { writer in
                 do {
                     try await writer.write(
                         event(
                             #"{"id": "", "object": "", "created": 0, "model": "", "choices": [], "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]}"#
-                        ))
+                        )
+                    )
                     for (index, word) in words.enumerated() {
                         if index > 0 {
                             switch model {
@@ -193,7 +212,8 @@ public final class FakeCircuit: Sendable {
                         try await writer.write(
                             event(
                                 #"{"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1764412245, "model": "\#(model)", "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": \#(words.count), "total_tokens": \#(11 + words.count)}}"#
-                            ))
+                            )
+                        )
                     }
                     try await writer.write(ByteBuffer(string: crlf ? "data:[DONE]\r\n\r\n" : "data: [DONE]\n\n"))
                     try await writer.finish(nil)
@@ -202,14 +222,17 @@ public final class FakeCircuit: Sendable {
                     await streams.append(StreamOutcome(model: model, completed: false))
                     throw error
                 }
-            })
+            }
+        )
     }
 
     private static func error(_ status: Int, code: String, _ message: String) -> Response {
         let body = #"{"error": {"code": "\#(code)", "message": "\#(message)"}}"#
         return Response(
-            status: .init(code: status), headers: [.contentType: "application/json"],
-            body: .init(byteBuffer: ByteBuffer(string: body)))
+            status: .init(code: status),
+            headers: [.contentType: "application/json"],
+            body: .init(byteBuffer: ByteBuffer(string: body))
+        )
     }
 }
 

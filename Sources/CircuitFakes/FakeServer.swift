@@ -10,20 +10,28 @@ public final class FakeServer: Sendable {
     private let group: ServiceGroup
     private let task: Task<Void, any Error>
 
-    public static func start<Responder: HTTPResponder>(_ responder: Responder, port requested: Int = 0, host: String = "127.0.0.1")
+    public static func start<Responder: HTTPResponder>(
+        _ responder: Responder,
+        port requested: Int = 0,
+        host: String = "127.0.0.1"
+    )
         async throws -> FakeServer where Responder.Context == BasicRequestContext
     {
         var logger = Logger(label: "fake", factory: { _ in SwiftLogNoOpLogHandler() })
         logger.logLevel = .critical
         let (ports, portSource) = AsyncStream<Int>.makeStream()
         let application = Application(
-            responder: responder, configuration: .init(address: .hostname(host, port: requested)),
+            responder: responder,
+            configuration: .init(address: .hostname(host, port: requested)),
             onServerRunning: { channel in
                 portSource.yield(channel.localAddress?.port ?? requested)
                 portSource.finish()
-            }, logger: logger)
+            },
+            logger: logger
+        )
         let group = ServiceGroup(
-            configuration: .init(services: [application], gracefulShutdownSignals: [], logger: logger))
+            configuration: .init(services: [application], gracefulShutdownSignals: [], logger: logger)
+        )
         let task = Task { try await group.run() }
         var iterator = ports.makeAsyncIterator()
         guard let port = await iterator.next() else {

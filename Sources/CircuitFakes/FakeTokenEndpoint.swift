@@ -1,8 +1,8 @@
 import Foundation
 import HTTPTypes
 import Hummingbird
-import NIOCore
 import NIOConcurrencyHelpers
+import NIOCore
 
 /// An OAuth2 token endpoint that checks the client-credentials grant the way Cisco's identity service does:
 /// `POST`, `Authorization: Basic base64(id:secret)`, a form body with `grant_type=client_credentials`.
@@ -55,13 +55,19 @@ public final class FakeTokenEndpoint: Sendable {
             }
             return Self.json(
                 #"{"token_type": "Bearer", "expires_in": \#(current.expiresIn), "access_token": "\#(token)", "scope": "api"}"#,
-                status: .ok)
+                status: .ok
+            )
         }
         let server = try await FakeServer.start(responder)
         return FakeTokenEndpoint(server: server, settings: box, issued: issued, journal: journal)
     }
 
-    private init(server: FakeServer, settings: NIOLockedValueBox<Settings>, issued: NIOLockedValueBox<[String]>, journal: Journal<Int>) {
+    private init(
+        server: FakeServer,
+        settings: NIOLockedValueBox<Settings>,
+        issued: NIOLockedValueBox<[String]>,
+        journal: Journal<Int>
+    ) {
         self.server = server
         self.settings = settings
         self.issued = issued

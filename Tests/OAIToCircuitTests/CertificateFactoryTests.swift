@@ -1,7 +1,8 @@
-import Testing
-@testable import OAIToCircuit
-import X509
 import Foundation
+import Testing
+import X509
+
+@testable import OAIToCircuit
 
 @Suite("CertificateFactory")
 struct CertificateFactoryTests {

@@ -13,8 +13,11 @@ import Testing
         try await Harness.with { harness async throws in
             let answer = try await harness.chat(Harness.chatBody(), subkey: nil)
             expectError(
-                answer, status: 401, code: "subkey_required",
-                message: "Subkey required. Provide 'Authorization: Bearer <subkey>' or 'X-Bridge-Subkey' header.")
+                answer,
+                status: 401,
+                code: "subkey_required",
+                message: "Subkey required. Provide 'Authorization: Bearer <subkey>' or 'X-Bridge-Subkey' header."
+            )
             #expect(answer.error?["type"] as? String == "authentication_error")
             #expect(await harness.circuit.requests.count == 0)
             await harness.recorder.refusals.wait { $0.count == 1 }
@@ -25,7 +28,10 @@ import Testing
     @Test func blankSubkeyHeadersCountAsMissing() async throws {
         try await Harness.with { harness async throws in
             let answer = try await harness.chat(
-                Harness.chatBody(), subkey: nil, headers: [("X-Bridge-Subkey", "   "), ("Authorization", "Bearer ")])
+                Harness.chatBody(),
+                subkey: nil,
+                headers: [("X-Bridge-Subkey", "   "), ("Authorization", "Bearer ")]
+            )
             expectError(answer, status: 401, code: "subkey_required")
             let basic = try await harness.chat(Harness.chatBody(), subkey: nil, headers: [("Authorization", "Basic abc")])
             expectError(basic, status: 401, code: "subkey_required")
@@ -34,8 +40,12 @@ import Testing
 
     @Test func subkeyFromEitherHeaderIsAccepted() async throws {
         try await Harness.with { harness async throws in
-            #expect(try await harness.chat(Harness.chatBody(), subkey: nil, headers: [("X-Bridge-Subkey", " sk-x ")]).status == 200)
-            #expect(try await harness.chat(Harness.chatBody(), subkey: nil, headers: [("Authorization", "bEaReR sk-y")]).status == 200)
+            #expect(
+                try await harness.chat(Harness.chatBody(), subkey: nil, headers: [("X-Bridge-Subkey", " sk-x ")]).status == 200
+            )
+            #expect(
+                try await harness.chat(Harness.chatBody(), subkey: nil, headers: [("Authorization", "bEaReR sk-y")]).status == 200
+            )
             let records = await harness.recorder.usage.entries
             #expect(records.map(\.caller.keyID) == [Caller.hash("sk-x"), Caller.hash("sk-y")])
         }
@@ -51,7 +61,9 @@ import Testing
 
     @Test func bodiesThatAreNotJSONObjects() async throws {
         try await Harness.with { harness async throws in
-            for body in ["[1, 2]", "not json", "", "{\"model\": \"gpt-4o\"", "\"text\"", "{\"model\": \"gpt-4o\"} x", "{\"a\": 01}"] {
+            for body in [
+                "[1, 2]", "not json", "", "{\"model\": \"gpt-4o\"", "\"text\"", "{\"model\": \"gpt-4o\"} x", "{\"a\": 01}",
+            ] {
                 let answer = try await harness.chat(body)
                 expectError(answer, status: 400, code: "invalid_json", message: "Invalid JSON in request body")
             }
@@ -64,7 +76,9 @@ import Testing
 
     @Test func modelMissingEmptyOrNotAString() async throws {
         try await Harness.with { harness async throws in
-            for body in [#"{"messages": []}"#, #"{"model": ""}"#, #"{"model": 4}"#, #"{"model": null}"#, #"{"model": ["gpt-4o"]}"#] {
+            for body in [
+                #"{"messages": []}"#, #"{"model": ""}"#, #"{"model": 4}"#, #"{"model": null}"#, #"{"model": ["gpt-4o"]}"#,
+            ] {
                 let answer = try await harness.chat(body)
                 expectError(answer, status: 400, code: "model_required", message: "Model parameter required")
                 #expect(answer.error?["param"] as? String == "model")
@@ -73,7 +87,9 @@ import Testing
         }
     }
 
-    @Test(arguments: ["../x", "a/b", "a?b", "a#b", "%2e%2e", String(repeating: "m", count: 129), "-dash", "a..b", "a b", "é", ".hidden"])
+    @Test(arguments: [
+        "../x", "a/b", "a?b", "a#b", "%2e%2e", String(repeating: "m", count: 129), "-dash", "a..b", "a b", "é", ".hidden",
+    ])
     func hostileModelNamesNeverReachCircuit(_ model: String) async throws {
         try await Harness.with { harness async throws in
             var body: [UInt8] = Array(#"{"model": "#.utf8)
@@ -98,7 +114,11 @@ import Testing
             let huge = #"{"model": "gpt-4o", "pad": ""# + String(repeating: "x", count: 17 << 20) + #""}"#
             let answer = try await harness.chat(huge)
             expectError(
-                answer, status: 413, code: "request_too_large", message: "Request body too large: the limit is 16777216 bytes")
+                answer,
+                status: 413,
+                code: "request_too_large",
+                message: "Request body too large: the limit is 16777216 bytes"
+            )
             #expect(await harness.circuit.requests.count == 0)
             #expect(try await harness.chat(Harness.chatBody()).status == 200)
         }
@@ -110,7 +130,9 @@ import Testing
             var request = HTTPClientRequest(url: harness.baseURL + "/v1/chat/completions")
             request.method = .POST
             request.headers.add(name: "Authorization", value: "Bearer \(Harness.subkey)")
-            let chunks = [ByteBuffer(string: #"{"model": "gpt-4o", "pad": ""#), ByteBuffer(repeating: UInt8(ascii: "x"), count: 2000)]
+            let chunks = [
+                ByteBuffer(string: #"{"model": "gpt-4o", "pad": ""#), ByteBuffer(repeating: UInt8(ascii: "x"), count: 2000),
+            ]
             let (stream, source) = AsyncStream<ByteBuffer>.makeStream()
             for chunk in chunks { source.yield(chunk) }
             source.finish()
@@ -125,10 +147,15 @@ import Testing
     @Test func upstreamTimeoutIs504AndReleasesTheReservation() async throws {
         var settings = FakeCircuit.Settings()
         settings.headerDelay = .seconds(3)
-        try await Harness.with(environment: ["UPSTREAM_TIMEOUT_SECONDS": "0.3"], circuitSettings: settings) { harness async throws in
+        try await Harness.with(environment: ["UPSTREAM_TIMEOUT_SECONDS": "0.3"], circuitSettings: settings) {
+            harness async throws in
             let answer = try await harness.chat(Harness.chatBody(model: "slow-headers"))
             expectError(
-                answer, status: 504, code: "upstream_timeout", message: "Gateway timeout - Circuit API took too long to respond")
+                answer,
+                status: 504,
+                code: "upstream_timeout",
+                message: "Gateway timeout - Circuit API took too long to respond"
+            )
             #expect(answer.error?["type"] as? String == "api_error")
             #expect(await harness.recorder.usage.count == 0)
         }

@@ -91,8 +91,14 @@ import Testing
             SPLUNK_INDEX='single'
             LOG_LEVEL=DEBUG # trailing comment
             EMPTY=
-            """)
-        #expect(values == ["CIRCUIT_CLIENT_ID": "abc", "CIRCUIT_APPKEY": "quoted value", "SPLUNK_INDEX": "single", "LOG_LEVEL": "DEBUG", "EMPTY": ""])
+            """
+        )
+        #expect(
+            values == [
+                "CIRCUIT_CLIENT_ID": "abc", "CIRCUIT_APPKEY": "quoted value", "SPLUNK_INDEX": "single", "LOG_LEVEL": "DEBUG",
+                "EMPTY": "",
+            ]
+        )
         #expect(throws: ConfigurationError.self) { try EnvironmentFile.parse("JUST TEXT") }
     }
 

@@ -64,20 +64,29 @@ import Testing
             #expect(answer.headers.first(name: "access-control-allow-origin") == nil)
             expectError(
                 try await harness.request(
-                    .OPTIONS, "/v1/chat/completions", subkey: nil,
-                    headers: [("Origin", "https://chat.example"), ("Access-Control-Request-Method", "POST")]),
-                status: 405, code: "method_not_allowed")
+                    .OPTIONS,
+                    "/v1/chat/completions",
+                    subkey: nil,
+                    headers: [("Origin", "https://chat.example"), ("Access-Control-Request-Method", "POST")]
+                ),
+                status: 405,
+                code: "method_not_allowed"
+            )
         }
     }
 
     @Test func corsAllowsListedOriginsAndAnswersPreflight() async throws {
-        try await Harness.with(environment: ["CORS_ALLOW_ORIGINS": "https://chat.example, https://other.example"]) { harness async throws in
+        try await Harness.with(environment: ["CORS_ALLOW_ORIGINS": "https://chat.example, https://other.example"]) {
+            harness async throws in
             let preflight = try await harness.request(
-                .OPTIONS, "/v1/chat/completions", subkey: nil,
+                .OPTIONS,
+                "/v1/chat/completions",
+                subkey: nil,
                 headers: [
                     ("Origin", "https://chat.example"), ("Access-Control-Request-Method", "POST"),
                     ("Access-Control-Request-Headers", "authorization, content-type"),
-                ])
+                ]
+            )
             #expect(preflight.status == 204)
             #expect(preflight.headers.first(name: "access-control-allow-origin") == "https://chat.example")
             #expect(preflight.headers.first(name: "access-control-allow-methods")?.contains("POST") == true)
@@ -109,12 +118,16 @@ import Testing
             let lines = harness.logs.all
             let first = lines.filter { $0.contains("request_id=log-check-1") && $0.hasPrefix("info request ") }
             #expect(first.count == 1)
-            for field in ["method=POST", "path=/v1/chat/completions", "status=200", "model=gpt-4o", "duration_ms=", "client=127.0.0.1"] {
+            for field in [
+                "method=POST", "path=/v1/chat/completions", "status=200", "model=gpt-4o", "duration_ms=", "client=127.0.0.1",
+            ] {
                 #expect(first.first?.contains(field) == true, "\(field) missing")
             }
             #expect(lines.filter { $0.contains("request_id=log-check-2") && $0.hasPrefix("info request ") }.count == 1)
             let everything = lines.joined(separator: "\n")
-            for secret in [Harness.subkey, "sk-second-secret-key", "sk-third-secret", "client-secret", "access-token-1", "access-token-2"] {
+            for secret in [
+                Harness.subkey, "sk-second-secret-key", "sk-third-secret", "client-secret", "access-token-1", "access-token-2",
+            ] {
                 #expect(!everything.contains(secret), "\(secret) was logged")
             }
             #expect(everything.contains("trace"))  // the capture did see trace-level lines

@@ -7,7 +7,8 @@ import Testing
 @Suite struct ForwardingTests {
     @Test func forwardedRequestIsWhatCircuitExpects() async throws {
         try await Harness.with(environment: ["API_VERSION": "2024-10-21"]) { harness async throws in
-            let body = #"{"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o", "temperature": 0.70, "max_tokens": 1e2, "n": 1, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "seed": 12345678901234567890}"#
+            let body =
+                #"{"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o", "temperature": 0.70, "max_tokens": 1e2, "n": 1, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "seed": 12345678901234567890}"#
             let answer = try await harness.chat(body, headers: [("X-Bridge-Subkey", "sk-other"), ("X-Request-ID", "trace-123")])
             #expect(answer.status == 200)
             let forwarded = try #require(await harness.circuit.requests.entries.first)
@@ -59,7 +60,10 @@ import Testing
 
     @Test func circuitErrorsArePassedThroughAndCounted() async throws {
         try await Harness.with { harness async throws in
-            let answer = try await harness.chat(Harness.chatBody(model: "bad-request"), headers: [("X-Forwarded-For", "10.0.0.9")])
+            let answer = try await harness.chat(
+                Harness.chatBody(model: "bad-request"),
+                headers: [("X-Forwarded-For", "10.0.0.9")]
+            )
             #expect(answer.status == 400)
             #expect(answer.body == #"{"error": {"code": "invalid_request", "message": "Azure rejected this request"}}"#)
             let record = try #require(await harness.recorder.usage.entries.first)

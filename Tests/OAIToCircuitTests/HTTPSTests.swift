@@ -28,7 +28,8 @@ import Testing
     @Test func sslServesHTTPAndHTTPS() async throws {
         let files = try Self.certificate()
         defer { try? FileManager.default.removeItem(at: files.directory) }
-        try await Harness.with(listener: Self.listener(.both, cert: files.cert, key: files.key), trusting: files.cert) { harness async throws in
+        try await Harness.with(listener: Self.listener(.both, cert: files.cert, key: files.key), trusting: files.cert) {
+            harness async throws in
             #expect(harness.httpPort != nil && harness.httpsPort != nil)
             // Full verification: the certificate must name 127.0.0.1 as an IP address.
             let secure = try await harness.request(.POST, "/v1/chat/completions", body: Harness.chatBody(), https: true)
@@ -40,7 +41,8 @@ import Testing
     @Test func sslOnlyServesHTTPSOnly() async throws {
         let files = try Self.certificate()
         defer { try? FileManager.default.removeItem(at: files.directory) }
-        try await Harness.with(listener: Self.listener(.only, cert: files.cert, key: files.key), trusting: files.cert) { harness async throws in
+        try await Harness.with(listener: Self.listener(.only, cert: files.cert, key: files.key), trusting: files.cert) {
+            harness async throws in
             #expect(harness.httpPort == nil && harness.httpsPort != nil)
             let answer = try await harness.request(.GET, "/health", subkey: nil, https: true)
             #expect(answer.json?["status"] as? String == "healthy")

@@ -13,7 +13,11 @@ import Testing
     ].joined(separator: "\n")
 
     /// Feeds `text` split into pieces of `size` bytes; returns what was sent before the end and at the end.
-    static func run(_ text: String, hiding: Bool, pieceSize size: Int) -> (beforeEnd: String, atEnd: String, filter: ServerSentEventFilter) {
+    static func run(
+        _ text: String,
+        hiding: Bool,
+        pieceSize size: Int
+    ) -> (beforeEnd: String, atEnd: String, filter: ServerSentEventFilter) {
         var filter = ServerSentEventFilter(hidesUsageChunk: hiding)
         let bytes = Array(text.utf8)
         var sent = ""
@@ -46,7 +50,8 @@ import Testing
     }
 
     @Test func crlfAndUnterminatedLastEvent() {
-        let text = "data: {\"choices\": [{}]}\r\n\r\ndata:{\"choices\": [], \"usage\": {\"prompt_tokens\": 1, \"completion_tokens\": 1}}\r\n"
+        let text =
+            "data: {\"choices\": [{}]}\r\n\r\ndata:{\"choices\": [], \"usage\": {\"prompt_tokens\": 1, \"completion_tokens\": 1}}\r\n"
         let (sent, tail, filter) = Self.run(text, hiding: true, pieceSize: 3)
         #expect(filter.usage == Usage(promptTokens: 1, completionTokens: 1, totalTokens: 2))
         #expect(sent == "data: {\"choices\": [{}]}\r\n\r\n" && tail.isEmpty)
@@ -61,7 +66,9 @@ import Testing
     @Test func anUpstreamThatNeverEndsAnEventCannotGrowTheBufferWithoutBound() {
         var filter = ServerSentEventFilter(hidesUsageChunk: true)
         var sent = 0
-        for _ in 0..<300 { sent += filter.consume(ByteBuffer(string: String(repeating: "x", count: 8191) + "\n"))?.readableBytes ?? 0 }
+        for _ in 0..<300 {
+            sent += filter.consume(ByteBuffer(string: String(repeating: "x", count: 8191) + "\n"))?.readableBytes ?? 0
+        }
         #expect(sent > 0)
     }
 }

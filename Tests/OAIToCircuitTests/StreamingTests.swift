@@ -52,7 +52,9 @@ import Testing
             #expect(!chunks.contains { $0["usage"] is [String: Any] })
             // Azure's prompt_filter_results chunk also has empty choices, and must pass.
             #expect(chunks.first?["prompt_filter_results"] != nil)
-            let content = chunks.compactMap { (($0["choices"] as? [[String: Any]])?.first?["delta"] as? [String: Any])?["content"] as? String }
+            let content = chunks.compactMap {
+                (($0["choices"] as? [[String: Any]])?.first?["delta"] as? [String: Any])?["content"] as? String
+            }
             #expect(content.joined() == "Hello from fake Circuit")
             // The bridge asked Circuit for usage…
             let forwarded = try #require(await harness.circuit.requests.entries.first?.json)
@@ -67,7 +69,8 @@ import Testing
     @Test func usageChunkIsShownWhenTheClientAskedForIt() async throws {
         try await Harness.with { harness async throws in
             let answer = try await harness.chat(
-                Harness.chatBody(stream: true, extra: #", "stream_options": {"include_usage": true}"#))
+                Harness.chatBody(stream: true, extra: #", "stream_options": {"include_usage": true}"#)
+            )
             let chunks = Self.payloads(answer.body).compactMap(Self.json)
             let usage = try #require(chunks.last?["usage"] as? [String: Any])
             #expect(usage["total_tokens"] as? Int == 15)
@@ -79,7 +82,8 @@ import Testing
     @Test func otherStreamOptionsAreKeptWhenUsageIsAdded() async throws {
         try await Harness.with { harness async throws in
             _ = try await harness.chat(
-                Harness.chatBody(stream: true, extra: #", "stream_options": {"include_usage": false, "x_extra": 1}"#))
+                Harness.chatBody(stream: true, extra: #", "stream_options": {"include_usage": false, "x_extra": 1}"#)
+            )
             let body = String(decoding: try #require(await harness.circuit.requests.entries.first).body, as: UTF8.self)
             #expect(body.contains(#""stream_options": {"x_extra": 1, "include_usage": true}"#))
         }
@@ -99,7 +103,8 @@ import Testing
         var settings = FakeCircuit.Settings()
         settings.chunkGap = .milliseconds(150)
         settings.chunkCount = 8
-        try await Harness.with(environment: ["UPSTREAM_TIMEOUT_SECONDS": "0.5"], circuitSettings: settings) { harness async throws in
+        try await Harness.with(environment: ["UPSTREAM_TIMEOUT_SECONDS": "0.5"], circuitSettings: settings) {
+            harness async throws in
             let started = ContinuousClock.now
             let answer = try await harness.chat(Harness.chatBody(model: "slow-stream", stream: true))
             #expect(ContinuousClock.now - started > .milliseconds(500))
@@ -113,7 +118,8 @@ import Testing
     @Test func streamThatStallsMidwayEndsWithAnErrorEvent() async throws {
         var settings = FakeCircuit.Settings()
         settings.headerDelay = .seconds(3)
-        try await Harness.with(environment: ["UPSTREAM_TIMEOUT_SECONDS": "0.3"], circuitSettings: settings) { harness async throws in
+        try await Harness.with(environment: ["UPSTREAM_TIMEOUT_SECONDS": "0.3"], circuitSettings: settings) {
+            harness async throws in
             let answer = try await harness.chat(Harness.chatBody(model: "stall-stream", stream: true))
             #expect(answer.status == 200)
             let last = try #require(Self.payloads(answer.body).last.flatMap(Self.json))
@@ -131,7 +137,14 @@ import Testing
             request.method = .POST
             request.headers.add(name: "Authorization", value: "Bearer \(Harness.subkey)")
             request.body = .bytes(
-                ByteBuffer(string: Harness.chatBody(model: "endless-stream", stream: true, extra: #", "stream_options": {"include_usage": true}"#)))
+                ByteBuffer(
+                    string: Harness.chatBody(
+                        model: "endless-stream",
+                        stream: true,
+                        extra: #", "stream_options": {"include_usage": true}"#
+                    )
+                )
+            )
             let task = Task {
                 let response = try await harness.client.execute(request, timeout: .seconds(30))
                 var seen = 0
@@ -143,7 +156,9 @@ import Testing
             try await task.value
             // Leaving the loop drops the response, which closes the connection to the bridge.
             await harness.circuit.streams.wait { !$0.isEmpty }
-            #expect(await harness.circuit.streams.entries == [FakeCircuit.StreamOutcome(model: "endless-stream", completed: false)])
+            #expect(
+                await harness.circuit.streams.entries == [FakeCircuit.StreamOutcome(model: "endless-stream", completed: false)]
+            )
             await harness.recorder.usage.wait { !$0.isEmpty }
             let record = try #require(await harness.recorder.usage.entries.first)
             #expect(record.clientDisconnected && record.isStreaming && record.statusCode == 200)

@@ -97,7 +97,8 @@ public struct LoggingUsageRecorder: UsageRecorder {
                 "status": "\(usage.statusCode)", "prompt_tokens": "\(usage.usage.promptTokens)",
                 "completion_tokens": "\(usage.usage.completionTokens)", "total_tokens": "\(usage.usage.totalTokens)",
                 "streaming": "\(usage.isStreaming)", "client_disconnected": "\(usage.clientDisconnected)",
-            ])
+            ]
+        )
     }
 
     public func record(_ refusal: RefusalRecord) async {
@@ -106,6 +107,7 @@ public struct LoggingUsageRecorder: UsageRecorder {
             metadata: [
                 "request_id": "\(refusal.requestID)", "key_id": "\(refusal.caller?.keyID ?? "-")",
                 "model": "\(refusal.model ?? "-")", "error": "\(refusal.error.code)",
-            ])
+            ]
+        )
     }
 }

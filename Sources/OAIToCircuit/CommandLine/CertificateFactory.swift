@@ -1,7 +1,7 @@
-import Foundation
-import X509
 import Crypto
+import Foundation
 import SwiftASN1
+import X509
 
 #if canImport(Glibc)
 import Glibc

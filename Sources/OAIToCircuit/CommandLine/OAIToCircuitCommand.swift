@@ -9,7 +9,8 @@ public struct OAIToCircuitCommand: AsyncParsableCommand {
         abstract: "An OpenAI-compatible gateway to Cisco's Circuit API.",
         version: BridgeVersion.current,
         subcommands: [ServeCommand.self, CertCommand.self],
-        defaultSubcommand: ServeCommand.self)
+        defaultSubcommand: ServeCommand.self
+    )
 
     public init() {}
 }
@@ -23,7 +24,9 @@ func printError(_ message: String) {
 
 struct ServeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "serve", abstract: "Run the bridge (the default).")
+        commandName: "serve",
+        abstract: "Run the bridge (the default)."
+    )
 
     @Option(help: "Bind address.") var host = "0.0.0.0"
     @Option(help: "HTTP port.") var port = "12000"
@@ -86,11 +89,15 @@ struct ServeCommand: AsyncParsableCommand {
 
 struct CertCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "cert", abstract: "Manage the HTTPS certificate.", subcommands: [Generate.self])
+        commandName: "cert",
+        abstract: "Manage the HTTPS certificate.",
+        subcommands: [Generate.self]
+    )
 
     struct Generate: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Make a self-signed certificate for the HTTPS listener.")
+            abstract: "Make a self-signed certificate for the HTTPS listener."
+        )
 
         @Option(help: "Host name the certificate is for (localhost, 127.0.0.1 and ::1 are always included).")
         var hostname = "localhost"

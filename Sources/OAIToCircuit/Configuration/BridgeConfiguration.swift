@@ -182,7 +182,10 @@ struct EnvironmentReader {
     func integer(_ name: String, in range: ClosedRange<Int>) throws -> Int? {
         guard let value = self[name] else { return nil }
         guard let number = Int(value), range.contains(number) else {
-            throw ConfigurationError(name, "must be a whole number from \(range.lowerBound) to \(range.upperBound), got '\(value)'")
+            throw ConfigurationError(
+                name,
+                "must be a whole number from \(range.lowerBound) to \(range.upperBound), got '\(value)'"
+            )
         }
         return number
     }
@@ -190,7 +193,10 @@ struct EnvironmentReader {
     func seconds(_ name: String, allowZero: Bool = false) throws -> Duration? {
         guard let value = self[name] else { return nil }
         guard let number = Double(value), number.isFinite, allowZero ? number >= 0 : number > 0, number <= 86_400 * 7 else {
-            throw ConfigurationError(name, "must be a number of seconds\(allowZero ? "" : " above 0") and at most a week, got '\(value)'")
+            throw ConfigurationError(
+                name,
+                "must be a number of seconds\(allowZero ? "" : " above 0") and at most a week, got '\(value)'"
+            )
         }
         return .milliseconds(Int64((number * 1000).rounded()))
     }

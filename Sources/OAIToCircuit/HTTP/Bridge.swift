@@ -14,9 +14,15 @@ public struct Bridge: Sendable {
     public var health: @Sendable () async -> HealthReport
 
     public init(
-        configuration: BridgeConfiguration, circuit: CircuitClient, authorizer: any SubkeyAuthorizer = AcceptingAuthorizer(),
-        policy: any AdmissionPolicy = UnlimitedPolicy(), recorder: any UsageRecorder, metrics: BridgeMetrics,
-        clock: BridgeClock = .system, logger: Logger, health: @escaping @Sendable () async -> HealthReport = { HealthReport() }
+        configuration: BridgeConfiguration,
+        circuit: CircuitClient,
+        authorizer: any SubkeyAuthorizer = AcceptingAuthorizer(),
+        policy: any AdmissionPolicy = UnlimitedPolicy(),
+        recorder: any UsageRecorder,
+        metrics: BridgeMetrics,
+        clock: BridgeClock = .system,
+        logger: Logger,
+        health: @escaping @Sendable () async -> HealthReport = { HealthReport() }
     ) {
         self.configuration = configuration
         self.circuit = circuit

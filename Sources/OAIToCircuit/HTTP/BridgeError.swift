@@ -36,44 +36,79 @@ public struct BridgeError: Error, Sendable, Equatable, CustomStringConvertible {
 
     // MARK: The contract's errors (section 4.1)
 
-    public static let invalidJSON = BridgeError(status: .badRequest, code: "invalid_json", message: "Invalid JSON in request body")
+    public static let invalidJSON = BridgeError(
+        status: .badRequest,
+        code: "invalid_json",
+        message: "Invalid JSON in request body"
+    )
     public static let modelRequired = BridgeError(
-        status: .badRequest, code: "model_required", message: "Model parameter required", param: "model")
+        status: .badRequest,
+        code: "model_required",
+        message: "Model parameter required",
+        param: "model"
+    )
     public static func invalidModel(_ rule: String) -> BridgeError {
         BridgeError(status: .badRequest, code: "invalid_model", message: rule, param: "model")
     }
     public static let subkeyRequired = BridgeError(
-        status: .unauthorized, code: "subkey_required",
-        message: "Subkey required. Provide 'Authorization: Bearer <subkey>' or 'X-Bridge-Subkey' header.")
+        status: .unauthorized,
+        code: "subkey_required",
+        message: "Subkey required. Provide 'Authorization: Bearer <subkey>' or 'X-Bridge-Subkey' header."
+    )
     public static let unauthorizedSubkey = BridgeError(
-        status: .forbidden, code: "unauthorized_subkey",
-        message: "Unauthorized: Subkey not recognized. Please contact administrator.")
+        status: .forbidden,
+        code: "unauthorized_subkey",
+        message: "Unauthorized: Subkey not recognized. Please contact administrator."
+    )
     public static func modelNotAllowed(_ model: String) -> BridgeError {
         BridgeError(
-            status: .forbidden, code: "model_not_allowed", message: "Model '\(model)' is not allowed for this subkey",
-            param: "model")
+            status: .forbidden,
+            code: "model_not_allowed",
+            message: "Model '\(model)' is not allowed for this subkey",
+            param: "model"
+        )
     }
     public static func requestTooLarge(limit: Int) -> BridgeError {
         BridgeError(
-            status: .contentTooLarge, code: "request_too_large",
-            message: "Request body too large: the limit is \(limit) bytes")
+            status: .contentTooLarge,
+            code: "request_too_large",
+            message: "Request body too large: the limit is \(limit) bytes"
+        )
     }
     public static func quotaExceeded(_ limit: String, retryAfter: Int?) -> BridgeError {
         BridgeError(
-            status: .tooManyRequests, code: "quota_exceeded",
-            message: "Quota exceeded for this subkey and model (\(limit))", retryAfter: retryAfter)
+            status: .tooManyRequests,
+            code: "quota_exceeded",
+            message: "Quota exceeded for this subkey and model (\(limit))",
+            retryAfter: retryAfter
+        )
     }
     public static let upstreamAuthFailed = BridgeError(
-        status: .badGateway, code: "upstream_auth_failed", message: "Failed to authenticate with Circuit API")
+        status: .badGateway,
+        code: "upstream_auth_failed",
+        message: "Failed to authenticate with Circuit API"
+    )
     public static let upstreamUnreachable = BridgeError(
-        status: .badGateway, code: "upstream_unreachable", message: "Gateway error: could not reach Circuit API")
+        status: .badGateway,
+        code: "upstream_unreachable",
+        message: "Gateway error: could not reach Circuit API"
+    )
     public static let upstreamTimeout = BridgeError(
-        status: .gatewayTimeout, code: "upstream_timeout", message: "Gateway timeout - Circuit API took too long to respond")
+        status: .gatewayTimeout,
+        code: "upstream_timeout",
+        message: "Gateway timeout - Circuit API took too long to respond"
+    )
     public static let notFound = BridgeError(status: .notFound, code: "not_found", message: "Not found")
     public static let methodNotAllowed = BridgeError(
-        status: .methodNotAllowed, code: "method_not_allowed", message: "Method not allowed")
+        status: .methodNotAllowed,
+        code: "method_not_allowed",
+        message: "Method not allowed"
+    )
     public static let internalError = BridgeError(
-        status: .internalServerError, code: "internal_error", message: "Internal error in the bridge")
+        status: .internalServerError,
+        code: "internal_error",
+        message: "Internal error in the bridge"
+    )
 
     /// The JSON body: `{"error": {"message", "type", "param", "code"}, "detail"}`.
     public var body: [UInt8] {

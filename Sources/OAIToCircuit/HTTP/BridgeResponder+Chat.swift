@@ -27,7 +27,10 @@ extension BridgeResponder {
             throw error
         }
         bridge.metrics.upstreamResponded(
-            model: chat.model, status: Int(upstream.status.code), after: ContinuousClock.now - sent)
+            model: chat.model,
+            status: Int(upstream.status.code),
+            after: ContinuousClock.now - sent
+        )
 
         var headers: HTTPFields = [:]
         for header in upstream.headers {
@@ -44,14 +47,16 @@ extension BridgeResponder {
             let responder = self
             let ending = exchange
             return Response(
-                status: status, headers: headers,
+                status: status,
+                headers: headers,
                 body: ResponseBody { writer in
                     let outcome = await accounting.relay(upstream.body, to: &writer)
                     var finished = ending
                     finished.logsWhenStreamEnds = false
                     responder.finish(finished, status: Int(status.code))
                     if outcome.clientDisconnected { throw CancellationError() }
-                })
+                }
+            )
         }
 
         let answer: ByteBuffer
@@ -102,10 +107,18 @@ struct Accounting: Sendable {
         bridge.metrics.tokensUsed(model: chat.model, usage: usage)
         await bridge.recorder.record(
             UsageRecord(
-                requestID: exchange.requestID, finishedAt: bridge.clock.now(), admission: admission,
-                statusCode: Int(status.code), usage: usage, isStreaming: chat.isStreaming,
-                latency: ContinuousClock.now - exchange.started, clientDisconnected: clientDisconnected,
-                clientAddress: exchange.clientAddress, forwardedFor: exchange.forwardedFor))
+                requestID: exchange.requestID,
+                finishedAt: bridge.clock.now(),
+                admission: admission,
+                statusCode: Int(status.code),
+                usage: usage,
+                isStreaming: chat.isStreaming,
+                latency: ContinuousClock.now - exchange.started,
+                clientDisconnected: clientDisconnected,
+                clientAddress: exchange.clientAddress,
+                forwardedFor: exchange.forwardedFor
+            )
+        )
     }
 
     /// Passes Circuit's event stream to the client as it arrives. Stops reading Circuit (which cancels its request)

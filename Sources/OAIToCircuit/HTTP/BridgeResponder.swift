@@ -30,7 +30,9 @@ public struct BridgeResponder: HTTPResponder {
             await recordRefusal(error, exchange: exchange)
         } catch {
             bridge.logger.error(
-                "unexpected failure", metadata: ["request_id": "\(exchange.requestID)", "error": "\(type(of: error))"])
+                "unexpected failure",
+                metadata: ["request_id": "\(exchange.requestID)", "error": "\(type(of: error))"]
+            )
             response = BridgeError.internalError.response()
         }
         response.headers[.xRequestID] = exchange.requestID
@@ -70,8 +72,10 @@ public struct BridgeResponder: HTTPResponder {
             guard method == .get || method == .head else { throw BridgeError.methodNotAllowed }
             let text = bridge.metrics.registry.emitToBuffer()
             return Response(
-                status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
-                body: ResponseBody(byteBuffer: ByteBuffer(bytes: text)))
+                status: .ok,
+                headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
+                body: ResponseBody(byteBuffer: ByteBuffer(bytes: text))
+            )
         default:
             exchange.route = path.hasPrefix("/v1/") ? "/v1/*" : "other"
             throw BridgeError.notFound
@@ -98,7 +102,11 @@ public struct BridgeResponder: HTTPResponder {
         exchange.model = name
         guard bridge.configuration.models.contains(name), await bridge.policy.allows(caller, model: name) else {
             throw BridgeError(
-                status: .notFound, code: "model_not_found", message: "The model '\(name)' does not exist", param: "model")
+                status: .notFound,
+                code: "model_not_found",
+                message: "The model '\(name)' does not exist",
+                param: "model"
+            )
         }
         var out: [UInt8] = []
         appendModel(name, to: &out)
@@ -134,8 +142,10 @@ public struct BridgeResponder: HTTPResponder {
 
     static func json(_ bytes: [UInt8], status: HTTPResponse.Status = .ok) -> Response {
         Response(
-            status: status, headers: [.contentType: "application/json"],
-            body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
+            status: status,
+            headers: [.contentType: "application/json"],
+            body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes))
+        )
     }
 
     // MARK: Shared steps
@@ -156,7 +166,10 @@ public struct BridgeResponder: HTTPResponder {
         }
         guard let authorization = headers[.authorization] else { return nil }
         let parts = authorization.trimmingCharacters(in: .whitespaces).split(
-            separator: " ", maxSplits: 1, omittingEmptySubsequences: true)
+            separator: " ",
+            maxSplits: 1,
+            omittingEmptySubsequences: true
+        )
         guard parts.count == 2, parts[0].lowercased() == "bearer" else { return nil }
         let token = parts[1].trimmingCharacters(in: .whitespaces)
         return token.isEmpty ? nil : token
@@ -166,8 +179,15 @@ public struct BridgeResponder: HTTPResponder {
         guard [401, 403, 429, 502, 504].contains(error.status.code) else { return }
         await bridge.recorder.record(
             RefusalRecord(
-                requestID: exchange.requestID, finishedAt: bridge.clock.now(), error: error, caller: exchange.caller,
-                model: exchange.model, clientAddress: exchange.clientAddress, forwardedFor: exchange.forwardedFor))
+                requestID: exchange.requestID,
+                finishedAt: bridge.clock.now(),
+                error: error,
+                caller: exchange.caller,
+                model: exchange.model,
+                clientAddress: exchange.clientAddress,
+                forwardedFor: exchange.forwardedFor
+            )
+        )
     }
 
     /// The access log line and request metrics, once the response is complete.
@@ -180,7 +200,8 @@ public struct BridgeResponder: HTTPResponder {
                 "method": "\(exchange.method)", "path": "\(exchange.path)", "status": "\(status)",
                 "model": "\(exchange.model ?? "-")", "duration_ms": "\(duration.milliseconds)",
                 "request_id": "\(exchange.requestID)", "client": "\(exchange.clientAddress)",
-            ])
+            ]
+        )
     }
 }
 

@@ -22,7 +22,9 @@ public enum BridgeServer {
         var client = HTTPClient.Configuration()
         client.timeout = .init(connect: .seconds(10), read: TimeAmount(configuration.upstreamTimeout))
         client.connectionPool = .init(
-            idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: configuration.upstreamMaxConnections)
+            idleTimeout: .seconds(60),
+            concurrentHTTP1ConnectionsPerHostSoftLimit: configuration.upstreamMaxConnections
+        )
         client.redirectConfiguration = .disallow
         client.decompression = .disabled
         return HTTPClient(eventLoopGroup: MultiThreadedEventLoopGroup.singleton, configuration: client)
@@ -30,24 +32,43 @@ public enum BridgeServer {
 
     /// The bridge with this issue's default seams: every subkey passes, no limits, usage as debug log lines.
     public static func makeBridge(
-        configuration: BridgeConfiguration, httpClient: HTTPClient, clock: BridgeClock = .system, logger: Logger
+        configuration: BridgeConfiguration,
+        httpClient: HTTPClient,
+        clock: BridgeClock = .system,
+        logger: Logger
     ) -> Bridge {
         let metrics = BridgeMetrics(models: configuration.models)
         let tokens = TokenProvider(
-            credentials: configuration.credentials, tokenURL: configuration.tokenURL, httpClient: httpClient, clock: clock,
-            timeout: configuration.upstreamTimeout, metrics: metrics, logger: logger)
+            credentials: configuration.credentials,
+            tokenURL: configuration.tokenURL,
+            httpClient: httpClient,
+            clock: clock,
+            timeout: configuration.upstreamTimeout,
+            metrics: metrics,
+            logger: logger
+        )
         let circuit = CircuitClient(
-            httpClient: httpClient, tokens: tokens, base: configuration.circuitBase, apiVersion: configuration.apiVersion,
-            timeout: configuration.upstreamTimeout)
+            httpClient: httpClient,
+            tokens: tokens,
+            base: configuration.circuitBase,
+            apiVersion: configuration.apiVersion,
+            timeout: configuration.upstreamTimeout
+        )
         return Bridge(
-            configuration: configuration, circuit: circuit, recorder: LoggingUsageRecorder(logger: logger), metrics: metrics,
-            clock: clock, logger: logger)
+            configuration: configuration,
+            circuit: circuit,
+            recorder: LoggingUsageRecorder(logger: logger),
+            metrics: metrics,
+            clock: clock,
+            logger: logger
+        )
     }
 
     /// One `Application` per listener the configuration asks for, sharing one responder.
     /// `onListening` is told each listener's scheme and bound port (useful with port 0).
     public static func listeners(
-        for bridge: Bridge, onListening: @escaping @Sendable (Scheme, Int) async -> Void = { _, _ in }
+        for bridge: Bridge,
+        onListening: @escaping @Sendable (Scheme, Int) async -> Void = { _, _ in }
     ) throws -> [any Service] {
         let listener = bridge.configuration.listener
         let responder = BridgeResponder(bridge: bridge)
@@ -60,16 +81,21 @@ public enum BridgeServer {
                     responder: responder,
                     configuration: .init(address: .hostname(listener.host, port: listener.port)),
                     onServerRunning: { channel in await onListening(.http, channel.localAddress?.port ?? listener.port) },
-                    logger: logger))
+                    logger: logger
+                )
+            )
         }
         if listener.tls != .off {
             let tls = try tlsConfiguration(certificate: listener.certificatePath, privateKey: listener.privateKeyPath)
             services.append(
                 Application(
-                    responder: responder, server: try .tls(.http1(), tlsConfiguration: tls),
+                    responder: responder,
+                    server: try .tls(.http1(), tlsConfiguration: tls),
                     configuration: .init(address: .hostname(listener.host, port: listener.sslPort)),
                     onServerRunning: { channel in await onListening(.https, channel.localAddress?.port ?? listener.sslPort) },
-                    logger: logger))
+                    logger: logger
+                )
+            )
         }
         return services
     }
@@ -99,7 +125,9 @@ public enum BridgeServer {
             throw ConfigurationError("--key", "\(privateKey) does not hold a PEM private key; \(hint)")
         }
         return TLSConfiguration.makeServerConfiguration(
-            certificateChain: chain.map { .certificate($0) }, privateKey: .privateKey(key))
+            certificateChain: chain.map { .certificate($0) },
+            privateKey: .privateKey(key)
+        )
     }
 
     /// `oai-to-circuit serve`: runs until SIGTERM or SIGINT, then stops accepting, lets in-flight requests and
@@ -110,11 +138,16 @@ public enum BridgeServer {
             let bridge = makeBridge(configuration: configuration, httpClient: httpClient, logger: logger)
             let services = try listeners(for: bridge) { scheme, port in
                 logger.notice(
-                    "listening", metadata: ["scheme": "\(scheme.rawValue)", "host": "\(configuration.listener.host)", "port": "\(port)"])
+                    "listening",
+                    metadata: ["scheme": "\(scheme.rawValue)", "host": "\(configuration.listener.host)", "port": "\(port)"]
+                )
             }
             announce(configuration, logger: logger)
             var group = ServiceGroupConfiguration(
-                services: services.map { .init(service: $0) }, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+                services: services.map { .init(service: $0) },
+                gracefulShutdownSignals: [.sigterm, .sigint],
+                logger: logger
+            )
             group.maximumGracefulShutdownDuration = configuration.shutdownGrace
             group.maximumCancellationDuration = .seconds(5)
             try await ServiceGroup(configuration: group).run()
@@ -141,6 +174,7 @@ public enum BridgeServer {
             metadata: [
                 "version": "\(BridgeVersion.current)", "circuit": "\(configuration.circuitBase)",
                 "token_url": "\(configuration.tokenURL)", "models": "\(configuration.models.joined(separator: ","))",
-            ])
+            ]
+        )
     }
 }

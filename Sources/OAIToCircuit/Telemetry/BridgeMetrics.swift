@@ -68,7 +68,9 @@ public final class BridgeMetrics: Sendable {
 
     /// Instruments are cached so the request path does not rebuild them (the set is bounded by the labels).
     private func instrument<Instrument: AnyObject>(
-        _ label: String, _ dimensions: [(String, String)], make: () -> Instrument
+        _ label: String,
+        _ dimensions: [(String, String)],
+        make: () -> Instrument
     ) -> Instrument {
         var key = label
         for (name, value) in dimensions {

@@ -84,7 +84,11 @@ struct ChatRequest: Sendable {
     /// As the earlier bridge did: missing or empty → `{"appkey": "<appkey>"}` as a JSON string; a string that
     /// does not already contain the appkey and parses as a JSON object → that object with `appkey` set;
     /// anything else is forwarded unchanged.
-    private static func userValue(_ bytes: UnsafeBufferPointer<UInt8>, _ member: JSONScanner.Member?, appKey: String)
+    private static func userValue(
+        _ bytes: UnsafeBufferPointer<UInt8>,
+        _ member: JSONScanner.Member?,
+        appKey: String
+    )
         -> [UInt8]?
     {
         var inner: [UInt8] = Array(#"{"appkey": "#.utf8)
@@ -129,7 +133,10 @@ struct ChatRequest: Sendable {
     }
 
     /// Whether the client asked for usage, and the `stream_options` value to send instead (`nil`: unchanged).
-    private static func streamOptionsAskingForUsage(_ bytes: UnsafeBufferPointer<UInt8>, _ member: JSONScanner.Member?)
+    private static func streamOptionsAskingForUsage(
+        _ bytes: UnsafeBufferPointer<UInt8>,
+        _ member: JSONScanner.Member?
+    )
         -> (Bool, [UInt8]?)
     {
         let fresh = Array(#"{"include_usage": true}"#.utf8)

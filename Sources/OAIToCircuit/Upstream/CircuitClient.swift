@@ -63,7 +63,9 @@ public struct CircuitClient: Sendable {
             bridgeError = .upstreamUnreachable
         }
         logger.warning(
-            "Circuit request failed", metadata: ["error": "\(TokenProvider.describe(error))", "answer": "\(bridgeError.code)"])
+            "Circuit request failed",
+            metadata: ["error": "\(TokenProvider.describe(error))", "answer": "\(bridgeError.code)"]
+        )
         return bridgeError
     }
 }

@@ -10,8 +10,9 @@ public enum ModelName {
         guard let first = utf8.first, utf8.count <= 128, isAlphanumeric(first) else { return rule }
         var previous: UInt8 = 0
         for byte in utf8 {
-            guard isAlphanumeric(byte) || byte == UInt8(ascii: ".") || byte == UInt8(ascii: "_")
-                || byte == UInt8(ascii: ":") || byte == UInt8(ascii: "-")
+            guard
+                isAlphanumeric(byte) || byte == UInt8(ascii: ".") || byte == UInt8(ascii: "_")
+                    || byte == UInt8(ascii: ":") || byte == UInt8(ascii: "-")
             else { return rule }
             if byte == UInt8(ascii: "."), previous == UInt8(ascii: ".") { return rule }
             previous = byte

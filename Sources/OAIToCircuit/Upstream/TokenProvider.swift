@@ -37,8 +37,13 @@ public actor TokenProvider {
     private var state = State.empty
 
     public init(
-        credentials: ClientCredentials?, tokenURL: UpstreamURL, httpClient: HTTPClient, clock: BridgeClock,
-        timeout: Duration, metrics: BridgeMetrics, logger: Logger
+        credentials: ClientCredentials?,
+        tokenURL: UpstreamURL,
+        httpClient: HTTPClient,
+        clock: BridgeClock,
+        timeout: Duration,
+        metrics: BridgeMetrics,
+        logger: Logger
     ) {
         self.credentials = credentials
         self.tokenURL = tokenURL
@@ -95,7 +100,8 @@ public actor TokenProvider {
             case FetchError.rejected(let status, let reason):
                 logger.error(
                     "token endpoint refused the client credentials",
-                    metadata: ["status": "\(status)", "oauth_error": "\(reason ?? "-")"])
+                    metadata: ["status": "\(status)", "oauth_error": "\(reason ?? "-")"]
+                )
             case FetchError.malformedAnswer:
                 logger.error("token endpoint answered without a usable access_token")
             default:

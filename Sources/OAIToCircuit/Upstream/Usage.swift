@@ -52,7 +52,9 @@ extension Usage {
                 let value = bytes[member.value]
                 observation.hasEmptyChoices =
                     value.first == UInt8(ascii: "[")
-                    && value.dropFirst().allSatisfy { $0 == UInt8(ascii: "]") || $0 == 0x20 || $0 == 0x0A || $0 == 0x0D || $0 == 0x09 }
+                    && value.dropFirst().allSatisfy {
+                        $0 == UInt8(ascii: "]") || $0 == 0x20 || $0 == 0x0A || $0 == 0x0D || $0 == 0x09
+                    }
             default: break
             }
         }

@@ -67,14 +67,19 @@ struct Harness {
             defaultListener.sslPort = 0
             let configuration = try BridgeConfiguration(
                 environment: environment(tokens: tokens, circuit: circuit, overrides: overrides),
-                listener: listener ?? defaultListener)
+                listener: listener ?? defaultListener
+            )
             let logs = LogCapture()
             let logger = logs.logger()
             let clock = ManualClock()
             let httpClient = BridgeServer.makeHTTPClient(configuration)
             upstream = httpClient
             var bridge = BridgeServer.makeBridge(
-                configuration: configuration, httpClient: httpClient, clock: clock.bridgeClock, logger: logger)
+                configuration: configuration,
+                httpClient: httpClient,
+                clock: clock.bridgeClock,
+                logger: logger
+            )
             let recorder = RecordingRecorder()
             bridge.recorder = recorder
             let (ports, portSource) = AsyncStream<(BridgeServer.Scheme, Int)>.makeStream()
@@ -87,8 +92,17 @@ struct Harness {
                 if scheme == .http { httpPort = port } else { httpsPort = port }
             }
             let harness = Harness(
-                tokens: tokens, circuit: circuit, bridge: bridge, recorder: recorder, logs: logs, clock: clock,
-                client: client, httpPort: httpPort, httpsPort: httpsPort, group: group)
+                tokens: tokens,
+                circuit: circuit,
+                bridge: bridge,
+                recorder: recorder,
+                logs: logs,
+                clock: clock,
+                client: client,
+                httpPort: httpPort,
+                httpsPort: httpsPort,
+                group: group
+            )
             // The test client goes first, so the server has no idle keep-alive connection left to wind down.
             do {
                 try await body(harness)
@@ -124,8 +138,12 @@ struct Harness {
     }
 
     func request(
-        _ method: HTTPMethod = .POST, _ path: String, body: String? = nil, subkey: String? = Harness.subkey,
-        headers: [(String, String)] = [], https: Bool = false
+        _ method: HTTPMethod = .POST,
+        _ path: String,
+        body: String? = nil,
+        subkey: String? = Harness.subkey,
+        headers: [(String, String)] = [],
+        https: Bool = false
     ) async throws -> Answer {
         var request = HTTPClientRequest(url: (https ? httpsURL : baseURL) + path)
         request.method = method
@@ -151,7 +169,11 @@ struct Harness {
 
 /// Asserts the bridge's own error shape: status, `error.code`, `error.message`, `error.type` and `detail`.
 func expectError(
-    _ answer: Harness.Answer, status: Int, code: String, message: String? = nil, sourceLocation: SourceLocation = #_sourceLocation
+    _ answer: Harness.Answer,
+    status: Int,
+    code: String,
+    message: String? = nil,
+    sourceLocation: SourceLocation = #_sourceLocation
 ) {
     #expect(answer.status == status, "body: \(answer.body)", sourceLocation: sourceLocation)
     let error = answer.error
@@ -159,7 +181,10 @@ func expectError(
     let actual = error?["message"] as? String
     if let message { #expect(actual == message, sourceLocation: sourceLocation) }
     #expect(answer.json?["detail"] as? String == actual, sourceLocation: sourceLocation)
-    #expect(error?["type"] as? String == BridgeError(status: .init(code: status), code: code, message: "").type, sourceLocation: sourceLocation)
+    #expect(
+        error?["type"] as? String == BridgeError(status: .init(code: status), code: code, message: "").type,
+        sourceLocation: sourceLocation
+    )
     #expect(answer.headers.first(name: "content-type") == "application/json", sourceLocation: sourceLocation)
 }
 
