@@ -123,6 +123,51 @@ expect_config_error "UPSTREAM_TIMEOUT_SECONDS=abc exits 78" UPSTREAM_TIMEOUT_SEC
 expect_config_error "missing certificate exits 78" "oai-to-circuit cert generate" \
     "$BRIDGE" serve --host 127.0.0.1 --ssl-only --ssl-port 0 --cert /nonexistent.pem --key /nonexistent-key.pem
 
+# SIGINT is a clean shutdown: exit status 0.
+stop_status=0
+kill -INT "$bridge_pid"
+wait "$bridge_pid" || stop_status=$?
+bridge_pid=
+if (( stop_status == 0 )) && grep -q "stopped" "$work/bridge.log"; then pass "shutdown: SIGINT exits 0"
+else fail "shutdown: SIGINT gave status $stop_status"; fi
+
+# HTTPS with a certificate from `cert generate`, checked by Python's OpenSSL: another TLS stack than the bridge's.
+"$BRIDGE" cert generate --hostname localhost --cert "$work/cert.pem" --key "$work/key.pem" >/dev/null
+if "$BRIDGE" cert generate --cert "$work/cert.pem" --key "$work/key.pem" >/dev/null 2>&1; then
+    fail "cert: overwrote existing files without --force"
+else pass "cert: refuses to overwrite without --force"; fi
+if [[ $(stat -c %a "$work/key.pem") == 600 ]]; then pass "cert: key file is 0600"; else fail "cert: key file mode $(stat -c %a "$work/key.pem")"; fi
+tls_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
+: >"$work/bridge.log"
+"${bridge_env[@]}" "$BRIDGE" --host 127.0.0.1 --ssl-only --ssl-port "$tls_port" --cert "$work/cert.pem" --key "$work/key.pem" \
+    >"$work/bridge.log" 2>&1 </dev/null &
+bridge_pid=$!
+if "$PY" - "$tls_port" "$work/cert.pem" <<'PYEOF'; then pass "https: openai SDK over --ssl-only, verifying the certificate"
+import ssl, sys, time, urllib.request, openai
+port, cert = sys.argv[1], sys.argv[2]
+context = ssl.create_default_context(cafile=cert)  # trusts only the generated certificate
+for _ in range(100):
+    try:
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", context=context, timeout=1) as response:
+            if response.status == 200:
+                break
+    except OSError:
+        time.sleep(0.1)
+# Newer SDKs ship httpx2 as their default transport; older ones httpx.
+client_class = getattr(openai, "DefaultHttpx2Client", None) or openai.DefaultHttpxClient
+for host in ("127.0.0.1", "localhost"):
+    client = openai.OpenAI(base_url=f"https://{host}:{port}/v1", api_key="team-member-subkey",
+                           http_client=client_class(verify=context))
+    reply = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content == "Hello from fake Circuit", reply
+PYEOF
+else fail "https: openai SDK over --ssl-only"; fi
+stop_status=0
+kill -TERM "$bridge_pid"
+wait "$bridge_pid" || stop_status=$?
+bridge_pid=
+if (( stop_status == 0 )); then pass "shutdown: SIGTERM exits 0"; else fail "shutdown: SIGTERM gave status $stop_status"; fi
+
 (( failed == 0 )) || show_bridge_log
 echo "$passed passed, $failed failed"
 (( failed == 0 ))

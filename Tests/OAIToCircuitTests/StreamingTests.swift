@@ -117,7 +117,7 @@ import Testing
 
     @Test func streamThatStallsMidwayEndsWithAnErrorEvent() async throws {
         var settings = FakeCircuit.Settings()
-        settings.headerDelay = .seconds(3)
+        settings.headerDelay = .seconds(1)
         try await Harness.with(environment: ["UPSTREAM_TIMEOUT_SECONDS": "0.3"], circuitSettings: settings) {
             harness async throws in
             let answer = try await harness.chat(Harness.chatBody(model: "stall-stream", stream: true))

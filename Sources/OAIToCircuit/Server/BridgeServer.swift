@@ -25,6 +25,9 @@ public enum BridgeServer {
             idleTimeout: .seconds(60),
             concurrentHTTP1ConnectionsPerHostSoftLimit: configuration.upstreamMaxConnections
         )
+        // A refused or failed connection is answered 502 at once; retrying would hold every client until its
+        // deadline while Circuit is down.
+        client.connectionPool.retryConnectionEstablishment = false
         client.redirectConfiguration = .disallow
         client.decompression = .disabled
         return HTTPClient(eventLoopGroup: MultiThreadedEventLoopGroup.singleton, configuration: client)
