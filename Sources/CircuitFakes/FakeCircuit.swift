@@ -9,13 +9,15 @@ import NIOCore
 /// `appkey`. What it answers depends on the deployment (model) name:
 ///
 /// - any model: a chat completion (JSON, or SSE when `"stream": true`) with usage 11 + 7 (stream: 11 + 4);
-/// - `slow-headers`: waits `headerDelay` before answering;
+/// - `slow-headers`: waits `headerDelay` before answering; streamed, it then behaves as `endless-stream`;
 /// - `slow-stream`: `chunkCount` content chunks, `chunkGap` apart;
 /// - `gated-stream`: the first chunk, then waits for `openGate()` before the rest;
 /// - `endless-stream`: a chunk every `chunkGap` until the client goes away (at most 10 000);
 /// - `stall-stream`: the first chunk, then silence for `headerDelay`;
+/// - `broken-stream`: the first chunk and half of the next line, then silence for `headerDelay`;
 /// - `crlf-stream`: CRLF line ends and `data:` without a space;
-/// - `bad-request`: Azure's 400 error.
+/// - `bad-request`: Azure's 400 error;
+/// - `text-error`: a 503 in plain text, as a proxy in front of Circuit might send.
 public final class FakeCircuit: Sendable {
     public struct Settings: Sendable {
         public var appKey = "test-appkey"
@@ -136,6 +138,13 @@ public final class FakeCircuit: Sendable {
         if model == "bad-request" {
             return error(400, code: "invalid_request", "Azure rejected this request")
         }
+        if model == "text-error" {
+            return Response(
+                status: .serviceUnavailable,
+                headers: [.contentType: "text/plain", HTTPField.Name("x-ratelimit-reset-requests")!: "7s"],
+                body: .init(byteBuffer: ByteBuffer(string: "upstream overloaded"))
+            )
+        }
         if model == "slow-headers" { try await Task.sleep(for: settings.headerDelay) }
         let streaming = body["stream"] as? Bool ?? false
         guard streaming else { return completion(model: model) }
@@ -179,7 +188,7 @@ public final class FakeCircuit: Sendable {
         let words: [String] = {
             switch model {
             case "slow-stream": (0..<settings.chunkCount).map { " w\($0)" }
-            case "endless-stream": (0..<10_000).map { " w\($0)" }
+            case "endless-stream", "slow-headers": (0..<10_000).map { " w\($0)" }
             default: ["Hello", " from", " fake", " Circuit"]
             }
         }()
@@ -199,9 +208,12 @@ public final class FakeCircuit: Sendable {
                     for (index, word) in words.enumerated() {
                         if index > 0 {
                             switch model {
-                            case "slow-stream", "endless-stream": try await Task.sleep(for: settings.chunkGap)
+                            case "slow-stream", "endless-stream", "slow-headers": try await Task.sleep(for: settings.chunkGap)
                             case "gated-stream" where index == 1: await gate.wait()
                             case "stall-stream" where index == 1: try await Task.sleep(for: settings.headerDelay)
+                            case "broken-stream" where index == 1:
+                                try await writer.write(ByteBuffer(string: #"data: {"id": "chatcmpl-fake", "choi"#))
+                                try await Task.sleep(for: settings.headerDelay)
                             default: break
                             }
                         }

@@ -45,4 +45,15 @@ import Testing
         // An appkey with quotes stays valid JSON at both levels.
         #expect(try parse(#"{"model": "m"}"#, appKey: #"k"1"#).1.contains(#""user": "{\"appkey\": \"k\\\"1\"}""#))
     }
+
+    @Test func repeatedAppkeysInUserCollapseToOne() throws {
+        // ("key" would be found inside "appkey" itself, so a longer appkey.)
+        let body = try parse(#"{"model": "m", "user": "{\"appkey\": \"a\", \"x\": 1, \"appkey\": \"b\"}"}"#, appKey: "k-123").1
+        #expect(body.contains(#""user": "{\"appkey\": \"k-123\", \"x\": 1}""#))
+    }
+
+    @Test(arguments: ["0", "false", "[]", "{}", "null", #""""#])
+    func falsyUsersCountAsMissing(_ value: String) throws {
+        #expect(try parse(#"{"model": "m", "user": \#(value)}"#).1.hasSuffix(#""user": "{\"appkey\": \"key\"}"}"#))
+    }
 }

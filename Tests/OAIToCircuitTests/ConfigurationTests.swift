@@ -100,6 +100,8 @@ import Testing
             ]
         )
         #expect(throws: ConfigurationError.self) { try EnvironmentFile.parse("JUST TEXT") }
+        let escapes = try EnvironmentFile.parse(#"A="x\\ny"\#nB="q\"q"\#nC="C:\path"\#nD='raw\n'"#)
+        #expect(escapes == ["A": #"x\ny"#, "B": #"q"q"#, "C": #"C:\path"#, "D": #"raw\n"#])
     }
 
     @Test func processEnvironmentWinsOverTheEnvFile() throws {
@@ -112,6 +114,26 @@ import Testing
         #expect(configuration.apiVersion == "2024-01-01")
         #expect(!configuration.requireSubkey)
         #expect(configuration.listener.port == 8080 && configuration.listener.tls == .both)
+        // An empty process value is unset (systemd writes `Environment="X="`): the file's value applies.
+        let emptyWins = try command.makeConfiguration(processEnvironment: ["CIRCUIT_APPKEY": ""])
+        #expect(emptyWins.appKey == "from-file")
+    }
+
+    @Test func inlineQuotasMustBeAJSONObject() throws {
+        #expect(try BridgeConfiguration(environment: ["QUOTAS_JSON": #"{"alice": {"*": {"requests": 5}}}"#]).quotasJSON != nil)
+        for bad in ["[1]", "{", "alice"] {
+            #expect(throws: ConfigurationError("QUOTAS_JSON", "must be a JSON object")) {
+                try BridgeConfiguration(environment: ["QUOTAS_JSON": bad])
+            }
+        }
+    }
+
+    @Test func rejectedURLsAreNotEchoed() {
+        #expect {
+            try BridgeConfiguration(environment: ["SPLUNK_HEC_URL": "https://user:hunter2@splunk.example/?token=abc"])
+        } throws: { error in
+            !"\(error)".contains("hunter2") && !"\(error)".contains("abc")
+        }
     }
 
     @Test func flagsAreValidated() throws {

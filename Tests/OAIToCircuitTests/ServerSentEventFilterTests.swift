@@ -64,11 +64,52 @@ import Testing
     }
 
     @Test func anUpstreamThatNeverEndsAnEventCannotGrowTheBufferWithoutBound() {
-        var filter = ServerSentEventFilter(hidesUsageChunk: true)
-        var sent = 0
-        for _ in 0..<300 {
-            sent += filter.consume(ByteBuffer(string: String(repeating: "x", count: 8191) + "\n"))?.readableBytes ?? 0
+        for hiding in [true, false] {
+            var filter = ServerSentEventFilter(hidesUsageChunk: hiding)
+            var sent = 0
+            // One endless data line, then endless data lines of one event.
+            for _ in 0..<200 {
+                sent += filter.consume(ByteBuffer(string: "data: " + String(repeating: "x", count: 8192)))?.readableBytes ?? 0
+            }
+            for _ in 0..<200 {
+                sent += filter.consume(ByteBuffer(string: "data: \(String(repeating: "y", count: 8192))\n"))?.readableBytes ?? 0
+            }
+            let held = 400 * 8198 - sent
+            #expect(held <= 2 * ServerSentEventFilter.maximumHeld, "holding \(held) bytes")
+            // The oversized event is passed on, never parsed or hidden; the stream then goes on normally.
+            let usage = #"data: {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}"#
+            let rest =
+                (filter.consume(ByteBuffer(string: "\n\n" + usage + "\n\ndata: [DONE]\n\n")).map { String(buffer: $0) } ?? "")
+                + (filter.finish().map { String(buffer: $0) } ?? "")
+            #expect(filter.usage?.totalTokens == 3)
+            #expect(rest.contains("total") == false || !hiding)
+            #expect(rest.hasSuffix("data: [DONE]\n\n"))
         }
-        #expect(sent > 0)
+    }
+
+    @Test func usageWithoutAChoicesKeyIsRecordedButNotHidden() {
+        let text = "data: {\"usage\": {\"prompt_tokens\": 2, \"completion_tokens\": 2, \"total_tokens\": 4}}\n\ndata: [DONE]\n\n"
+        let (sent, tail, filter) = Self.run(text, hiding: true, pieceSize: 10)
+        #expect(filter.usage?.totalTokens == 4)
+        #expect((sent + tail) == text)
+    }
+
+    @Test func abandonDropsWhatIsHeldAndEndsTheEventInProgress() {
+        var passing = ServerSentEventFilter(hidesUsageChunk: false)
+        _ = passing.consume(ByteBuffer(string: "data: {\"a\": 1}\n\ndata: {\"b\": 2}\ndata: {\"c\""))
+        // A data line of an unfinished event was sent: a blank line ends it before the bridge's own event.
+        #expect(passing.abandon().map { String(buffer: $0) } == "\n")
+        var hiding = ServerSentEventFilter(hidesUsageChunk: true)
+        let sent = hiding.consume(ByteBuffer(string: "data: {\"a\": 1}\n\ndata: {\"b\": 2}\ndata: {\"c\""))
+        #expect(sent.map { String(buffer: $0) } == "data: {\"a\": 1}\n\n")
+        #expect(hiding.abandon() == nil)
+    }
+
+    @Test func hugeTokenCountsAreClampedNotTrapped() {
+        let text =
+            "data: {\"choices\": [], \"usage\": {\"prompt_tokens\": 9223372036854775807, \"completion_tokens\": 9223372036854775807}}\n\n"
+        let (_, _, filter) = Self.run(text, hiding: true, pieceSize: 4096)
+        #expect(filter.usage?.promptTokens == Usage.maximumCount)
+        #expect(filter.usage?.totalTokens == 2 * Usage.maximumCount)
     }
 }

@@ -62,7 +62,8 @@ struct ServeCommand: AsyncParsableCommand {
     func makeConfiguration(processEnvironment: [String: String]) throws -> BridgeConfiguration {
         var environment = processEnvironment
         if let envFile {
-            for (name, value) in try EnvironmentFile.load(path: envFile) where environment[name] == nil {
+            // Set and non-empty in the process wins; empty counts as unset (systemd writes `Environment="X="`).
+            for (name, value) in try EnvironmentFile.load(path: envFile) where environment[name]?.isEmpty ?? true {
                 environment[name] = value
             }
         }

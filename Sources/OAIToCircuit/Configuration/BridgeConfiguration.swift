@@ -113,7 +113,14 @@ public struct BridgeConfiguration: Sendable {
                 .filter { !$0.isEmpty }
         }
         if let path = env["QUOTA_DB_PATH"] { self.quotaDatabasePath = path }
-        self.quotasJSON = env["QUOTAS_JSON"]
+        if let inline = env["QUOTAS_JSON"] {
+            var bytes = Array(inline.utf8)
+            let isObject = bytes.withUnsafeMutableBufferPointer {
+                (try? JSONScanner.objectMembers(UnsafeBufferPointer($0))) != nil
+            }
+            guard isObject else { throw ConfigurationError("QUOTAS_JSON", "must be a JSON object") }
+            self.quotasJSON = inline
+        }
         if let path = env["QUOTAS_JSON_PATH"] { self.quotasJSONPath = path }
         self.splunk.url = try env.url("SPLUNK_HEC_URL")
         self.splunk.token = env["SPLUNK_HEC_TOKEN"]
@@ -204,7 +211,8 @@ struct EnvironmentReader {
     func url(_ name: String) throws -> UpstreamURL? {
         guard let value = self[name] else { return nil }
         guard let url = UpstreamURL(validating: value) else {
-            throw ConfigurationError(name, "must be an http:// or https:// URL with a host, got '\(value)'")
+            // The value is not echoed: a mistyped URL may carry a password or a token.
+            throw ConfigurationError(name, "must be an http:// or https:// URL with a host and no query, user or password")
         }
         return url
     }

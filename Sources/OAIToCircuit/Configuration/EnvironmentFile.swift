@@ -35,8 +35,26 @@ public enum EnvironmentFile {
         if value.count >= 2, let first = value.first, first == "\"" || first == "'", value.last == first {
             let inner = String(value.dropFirst().dropLast())
             guard first == "\"" else { return inner }
-            return inner.replacingOccurrences(of: "\\\"", with: "\"").replacingOccurrences(of: "\\n", with: "\n")
-                .replacingOccurrences(of: "\\\\", with: "\\")
+            // Double quotes take the escapes \", \\ and \n (read in one pass, so "\\n" is a backslash and an n);
+            // any other backslash is kept as written.
+            var result = ""
+            var escaping = false
+            for character in inner {
+                if escaping {
+                    switch character {
+                    case "n": result.append("\n")
+                    case "\"", "\\": result.append(character)
+                    default: result.append(contentsOf: ["\\", character])  // any other backslash is kept
+                    }
+                    escaping = false
+                } else if character == "\\" {
+                    escaping = true
+                } else {
+                    result.append(character)
+                }
+            }
+            if escaping { result.append("\\") }
+            return result
         }
         // An unquoted value ends at an inline comment.
         if let hash = value.range(of: " #") { return value[..<hash.lowerBound].trimmingCharacters(in: .whitespaces) }

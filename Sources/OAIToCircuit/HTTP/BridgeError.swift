@@ -83,6 +83,11 @@ public struct BridgeError: Error, Sendable, Equatable, CustomStringConvertible {
             retryAfter: retryAfter
         )
     }
+    public static let incompleteBody = BridgeError(
+        status: .badRequest,
+        code: "incomplete_body",
+        message: "The request body ended before it was complete"
+    )
     public static let upstreamAuthFailed = BridgeError(
         status: .badGateway,
         code: "upstream_auth_failed",

@@ -4,6 +4,7 @@ import Hummingbird
 import Logging
 import NIOCore
 import NIOHTTP1
+import Synchronization
 
 /// `POST /v1/chat/completions`, in the contract's order: subkey, body, policy, rewrite, token, forward, answer,
 /// account.
@@ -40,20 +41,29 @@ extension BridgeResponder {
             }
         }
         let status = HTTPResponse.Status(code: Int(upstream.status.code))
-        let accounting = Accounting(bridge: bridge, exchange: exchange, admission: admission, chat: chat, status: status)
+        let accounting = Accounting(
+            bridge: bridge,
+            exchange: exchange,
+            admission: admission,
+            isStreaming: chat.isStreaming,
+            status: status
+        )
 
         if upstream.headers.first(name: "content-type")?.lowercased().hasPrefix("text/event-stream") == true {
             exchange.logsWhenStreamEnds = true
+            var ending = exchange
+            ending.logsWhenStreamEnds = false
             let responder = self
-            let ending = exchange
+            let finish: @Sendable () -> Void = { [ending] in responder.finish(ending, status: Int(status.code)) }
+            let unstarted = UnstartedStream(accounting: accounting, finish: finish)
+            let hidesUsageChunk = !chat.clientWantsUsage
             return Response(
                 status: status,
                 headers: headers,
                 body: ResponseBody { writer in
-                    let outcome = await accounting.relay(upstream.body, to: &writer)
-                    var finished = ending
-                    finished.logsWhenStreamEnds = false
-                    responder.finish(finished, status: Int(status.code))
+                    unstarted.start()
+                    let outcome = await accounting.relay(upstream.body, hidingUsageChunk: hidesUsageChunk, to: &writer)
+                    finish()
                     if outcome.clientDisconnected { throw CancellationError() }
                 }
             )
@@ -79,12 +89,20 @@ extension BridgeResponder {
             guard length <= limit else { throw BridgeError.requestTooLarge(limit: limit) }
             expected = length
         }
-        var buffer = ByteBufferAllocator().buffer(capacity: expected)
-        for try await part in request.body {
-            guard buffer.readableBytes + part.readableBytes <= limit else {
-                throw BridgeError.requestTooLarge(limit: limit)
+        // Reserve what the client announced, but not more than a typical body: the announcement costs it nothing.
+        var buffer = ByteBufferAllocator().buffer(capacity: min(expected, 1 << 20))
+        do {
+            for try await part in request.body {
+                guard buffer.readableBytes + part.readableBytes <= limit else {
+                    throw BridgeError.requestTooLarge(limit: limit)
+                }
+                buffer.writeImmutableBuffer(part)
             }
-            buffer.writeImmutableBuffer(part)
+        } catch let error as BridgeError {
+            throw error
+        } catch {
+            // The client went away (or broke HTTP framing) while sending its body.
+            throw BridgeError.incompleteBody
         }
         return buffer
     }
@@ -96,7 +114,7 @@ struct Accounting: Sendable {
     let bridge: Bridge
     let exchange: Exchange
     let admission: Admission
-    let chat: ChatRequest
+    let isStreaming: Bool
     let status: HTTPResponse.Status
 
     struct Outcome {
@@ -104,7 +122,7 @@ struct Accounting: Sendable {
     }
 
     func commit(usage: Usage, clientDisconnected: Bool) async {
-        bridge.metrics.tokensUsed(model: chat.model, usage: usage)
+        bridge.metrics.tokensUsed(model: admission.model, usage: usage)
         await bridge.recorder.record(
             UsageRecord(
                 requestID: exchange.requestID,
@@ -112,7 +130,7 @@ struct Accounting: Sendable {
                 admission: admission,
                 statusCode: Int(status.code),
                 usage: usage,
-                isStreaming: chat.isStreaming,
+                isStreaming: isStreaming,
                 latency: ContinuousClock.now - exchange.started,
                 clientDisconnected: clientDisconnected,
                 clientAddress: exchange.clientAddress,
@@ -123,8 +141,12 @@ struct Accounting: Sendable {
 
     /// Passes Circuit's event stream to the client as it arrives. Stops reading Circuit (which cancels its request)
     /// when the client goes away; turns a failure of Circuit mid-stream into a final SSE error event.
-    func relay(_ upstream: HTTPClientResponse.Body, to writer: inout any ResponseBodyWriter) async -> Outcome {
-        var filter = ServerSentEventFilter(hidesUsageChunk: !chat.clientWantsUsage)
+    func relay(
+        _ upstream: HTTPClientResponse.Body,
+        hidingUsageChunk: Bool,
+        to writer: inout any ResponseBodyWriter
+    ) async -> Outcome {
+        var filter = ServerSentEventFilter(hidesUsageChunk: hidingUsageChunk)
         var outcome = Outcome()
         var failure: BridgeError?
         do {
@@ -140,7 +162,21 @@ struct Accounting: Sendable {
         } catch {
             failure = CircuitClient.classify(error, logger: bridge.logger)
         }
-        let tail = outcome.clientDisconnected ? nil : filter.finish()
+        var tail: ByteBuffer?
+        if !outcome.clientDisconnected {
+            if let failure {
+                // Whatever Circuit left unfinished is dropped, so the error event stands alone and parses.
+                var event = Self.errorEvent(failure)
+                if var abandoned = filter.abandon() {
+                    abandoned.writeBuffer(&event)
+                    tail = abandoned
+                } else {
+                    tail = event
+                }
+            } else {
+                tail = filter.finish()
+            }
+        }
         await commit(usage: filter.usage ?? .zero, clientDisconnected: outcome.clientDisconnected)
         if outcome.clientDisconnected {
             bridge.logger.info("client disconnected mid-stream", metadata: ["request_id": "\(exchange.requestID)"])
@@ -148,16 +184,44 @@ struct Accounting: Sendable {
         }
         do {
             if let tail { try await writer.write(tail) }
-            if let failure, !filter.sawDone {
-                var event = ByteBuffer(string: "data: ")
-                event.writeBytes(failure.body)
-                event.writeString("\n\n")
-                try await writer.write(event)
-            }
             try await writer.finish(nil)
         } catch {
             outcome.clientDisconnected = true
         }
         return outcome
+    }
+
+    /// `data: {"error": …}`: the OpenAI SDKs raise it as an API error.
+    static func errorEvent(_ error: BridgeError) -> ByteBuffer {
+        var event = ByteBuffer(string: "data: ")
+        event.writeBytes(error.body)
+        event.writeString("\n\n")
+        return event
+    }
+}
+
+/// Accounts a streamed answer whose body never ran. Hummingbird writes the head first and, when that fails because
+/// the client has already gone, drops the body unrun: Circuit answered all the same, so the request must count.
+final class UnstartedStream: Sendable {
+    private let started = Atomic<Bool>(false)
+    private let accounting: Accounting
+    private let finish: @Sendable () -> Void
+
+    init(accounting: Accounting, finish: @escaping @Sendable () -> Void) {
+        self.accounting = accounting
+        self.finish = finish
+    }
+
+    func start() { started.store(true, ordering: .relaxed) }
+
+    deinit {
+        guard !started.load(ordering: .relaxed) else { return }
+        let accounting = self.accounting
+        let finish = self.finish
+        // A deinit cannot await; this task is the only way left to record the request.
+        Task {
+            await accounting.commit(usage: .zero, clientDisconnected: true)
+            finish()
+        }
     }
 }

@@ -1,6 +1,7 @@
 import AsyncHTTPClient
 import Foundation
 import Hummingbird
+import HummingbirdCore
 import HummingbirdTLS
 import Logging
 import NIOCore
@@ -67,21 +68,27 @@ public enum BridgeServer {
         )
     }
 
-    /// One `Application` per listener the configuration asks for, sharing one responder.
+    /// How long a connection may stay silent between requests (or while a request is read) before it is closed.
+    static let connectionIdleTimeout = TimeAmount.seconds(120)
+
+    /// The listeners the configuration asks for (HTTP, HTTPS or both) over one responder, as one service, so that
+    /// graceful shutdown stops them accepting at the same moment.
     /// `onListening` is told each listener's scheme and bound port (useful with port 0).
     public static func listeners(
         for bridge: Bridge,
         onListening: @escaping @Sendable (Scheme, Int) async -> Void = { _, _ in }
-    ) throws -> [any Service] {
+    ) throws -> Listeners {
         let listener = bridge.configuration.listener
         let responder = BridgeResponder(bridge: bridge)
         var logger = bridge.logger
         logger.logLevel = max(logger.logLevel, .notice)  // Hummingbird's own per-connection chatter
-        var services: [any Service] = []
+        let http1 = HTTPServerBuilder.http1(configuration: .init(idleTimeout: connectionIdleTimeout))
+        var applications: [any Service] = []
         if listener.tls != .only {
-            services.append(
+            applications.append(
                 Application(
                     responder: responder,
+                    server: http1,
                     configuration: .init(address: .hostname(listener.host, port: listener.port)),
                     onServerRunning: { channel in await onListening(.http, channel.localAddress?.port ?? listener.port) },
                     logger: logger
@@ -90,17 +97,34 @@ public enum BridgeServer {
         }
         if listener.tls != .off {
             let tls = try tlsConfiguration(certificate: listener.certificatePath, privateKey: listener.privateKeyPath)
-            services.append(
+            applications.append(
                 Application(
                     responder: responder,
-                    server: try .tls(.http1(), tlsConfiguration: tls),
+                    server: try .tls(http1, tlsConfiguration: tls),
                     configuration: .init(address: .hostname(listener.host, port: listener.sslPort)),
                     onServerRunning: { channel in await onListening(.https, channel.localAddress?.port ?? listener.sslPort) },
                     logger: logger
                 )
             )
         }
-        return services
+        return Listeners(applications: applications)
+    }
+
+    /// The bridge's HTTP and HTTPS servers, run side by side. Each inherits the group's graceful-shutdown signal,
+    /// so both stop accepting together; if one fails, the other is cancelled.
+    public struct Listeners: Service {
+        let applications: [any Service]
+
+        public var count: Int { applications.count }
+
+        public func run() async throws {
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for application in applications {
+                    group.addTask { try await application.run() }
+                }
+                try await group.waitForAll()
+            }
+        }
     }
 
     /// Loads the PEM certificate chain and key, with errors that name the file and how to make one.
@@ -147,7 +171,7 @@ public enum BridgeServer {
             }
             announce(configuration, logger: logger)
             var group = ServiceGroupConfiguration(
-                services: services.map { .init(service: $0) },
+                services: [.init(service: services)],
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger
             )

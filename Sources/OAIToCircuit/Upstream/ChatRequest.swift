@@ -95,8 +95,10 @@ struct ChatRequest: Sendable {
         JSONString.encode(appKey, into: &inner)
         inner.append(UInt8(ascii: "}"))
         guard let member else { return JSONString.encode(String(decoding: inner, as: UTF8.self)) }
+        // Python's `if not user`: null, "", 0, false, [] and {} all count as missing.
         let raw = bytes[member.value]
-        if raw.elementsEqual("null".utf8) || raw.elementsEqual(#""""#.utf8) {
+        let empty = ["null", #""""#, "0", "false", "[]", "{}"]
+        if empty.contains(where: { raw.elementsEqual($0.utf8) }) {
             return JSONString.encode(String(decoding: inner, as: UTF8.self))
         }
         guard !appKey.isEmpty, let user = decodedString(bytes, member.value), !user.contains(appKey) else { return nil }
@@ -107,15 +109,13 @@ struct ChatRequest: Sendable {
             // Re-serialised the way Python's json.dumps writes it: ", " and ": " separators, appkey kept in place.
             var object: [UInt8] = [UInt8(ascii: "{")]
             var replaced = false
-            for (position, field) in fields.enumerated() {
-                if position > 0 { object.append(contentsOf: ", ".utf8) }
+            for field in fields {
+                // A repeated appkey is dropped: the first one carries the new value.
+                if field.key == "appkey", replaced { continue }
+                if object.count > 1 { object.append(contentsOf: ", ".utf8) }
                 JSONString.encode(field.key, into: &object)
                 object.append(contentsOf: ": ".utf8)
                 if field.key == "appkey" {
-                    guard !replaced else {
-                        object.append(contentsOf: "null".utf8)
-                        continue
-                    }
                     JSONString.encode(appKey, into: &object)
                     replaced = true
                 } else {
@@ -123,7 +123,7 @@ struct ChatRequest: Sendable {
                 }
             }
             if !replaced {
-                if !fields.isEmpty { object.append(contentsOf: ", ".utf8) }
+                if object.count > 1 { object.append(contentsOf: ", ".utf8) }
                 object.append(contentsOf: #""appkey": "#.utf8)
                 JSONString.encode(appKey, into: &object)
             }

@@ -39,14 +39,17 @@ public struct CircuitClient: Sendable {
             request.headers.replaceOrAdd(name: "api-key", value: token)
             let response: HTTPClientResponse
             do {
-                response = try await httpClient.execute(request, deadline: .now() + TimeAmount(timeout), logger: logger)
+                response = try await httpClient.execute(
+                    request,
+                    deadline: .now() + TimeAmount(timeout),
+                    logger: logger.forHTTPClient
+                )
             } catch {
                 throw Self.classify(error, logger: logger)
             }
-            guard response.status == .unauthorized, !retried else { return response }
+            guard response.status == .unauthorized, !retried, await tokens.refused(token) else { return response }
             // Read the refusal so the connection can be reused, then try once more with a new token.
             _ = try? await response.body.collect(upTo: 1 << 20)
-            await tokens.invalidate(token)
             retried = true
             logger.notice("Circuit refused the access token; retrying once with a new one")
         }

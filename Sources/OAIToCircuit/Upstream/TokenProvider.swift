@@ -9,13 +9,18 @@ import NIOHTTP1
 public actor TokenProvider {
     private struct Token {
         var value: String
+        var fetchedAt: Double
         var refreshAfter: Double
+        var expiresAt: Double
     }
 
     private enum State {
         case empty
         case valid(Token)
-        case refreshing(Task<Token, any Error>)
+        /// `previous` still serves if the refresh fails before it expires.
+        case refreshing(Task<Token, any Error>, previous: Token?)
+        /// The last fetch failed: requests fail at once until `until`, so an identity-service outage is not hammered.
+        case failed(until: Double)
     }
 
     private enum FetchError: Error {
@@ -26,6 +31,15 @@ public actor TokenProvider {
 
     /// How long before expiry a token is replaced.
     static let refreshMargin: Double = 60
+    /// A token younger than this is not dropped when Circuit answers 401: the refusal is about something else
+    /// (a bad appkey, say), and dropping it would let any client make the bridge hammer the identity service.
+    static let minimumAgeForForcedRefresh: Double = 30
+    /// After a failed fetch, how long requests fail without asking again.
+    static let failureBackoff: Double = 1
+    /// Longest lifetime believed, whatever `expires_in` says.
+    static let maximumLifetime: Double = 86_400
+    /// A hung identity service must not hold every chat for the whole upstream timeout.
+    static let fetchTimeout: Duration = .seconds(30)
 
     private let credentials: ClientCredentials?
     private let tokenURL: UpstreamURL
@@ -56,33 +70,66 @@ public actor TokenProvider {
 
     /// A valid access token, or `upstream_auth_failed`.
     func token() async throws(BridgeError) -> String {
+        let now = clock.now()
         switch state {
-        case .valid(let token) where clock.now() < token.refreshAfter:
+        case .valid(let token) where now < token.refreshAfter:
             return token.value
-        case .refreshing(let task):
-            return try await Self.value(of: task)
-        case .valid, .empty:
-            // An unstructured task so that one caller going away does not fail the others sharing the refresh.
-            let task = Task { try await self.fetch() }
-            state = .refreshing(task)
-            let result = await task.result
-            switch result {
-            case .success(let token): state = .valid(token)
-            case .failure: state = .empty
-            }
-            return try await Self.value(of: task)
+        case .refreshing(let task, let previous):
+            return try await Self.value(of: task, orStill: previous, now: now)
+        case .failed(let until) where now < until:
+            throw .upstreamAuthFailed
+        case .valid(let token):
+            return try await refresh(replacing: token)
+        case .empty, .failed:
+            return try await refresh(replacing: nil)
         }
     }
 
-    /// Forgets `value` after Circuit refused it, so the next request fetches a new one.
-    func invalidate(_ value: String) {
-        if case .valid(let token) = state, token.value == value { state = .empty }
+    private func refresh(replacing previous: Token?) async throws(BridgeError) -> String {
+        // An unstructured task so that one caller going away does not fail the others sharing the refresh.
+        let task = Task { try await self.fetch() }
+        state = .refreshing(task, previous: previous)
+        let result = await task.result
+        let now = clock.now()
+        switch result {
+        case .success(let token):
+            state = .valid(token)
+        case .failure:
+            if var previous, now < previous.expiresAt {
+                // Keep serving the old token until it expires, trying again after the back-off.
+                previous.refreshAfter = now + Self.failureBackoff
+                state = .valid(previous)
+            } else {
+                state = .failed(until: now + Self.failureBackoff)
+            }
+        }
+        return try await Self.value(of: task, orStill: previous, now: now)
     }
 
-    private static func value(of task: Task<Token, any Error>) async throws(BridgeError) -> String {
+    /// Called when Circuit answered 401 to `value`. Returns whether a retry can use another token: a newer one is
+    /// already cached or being fetched, or `value` was old enough to be dropped.
+    func refused(_ value: String) -> Bool {
+        switch state {
+        case .valid(let token) where token.value == value:
+            guard clock.now() - token.fetchedAt >= Self.minimumAgeForForcedRefresh else { return false }
+            state = .empty
+            return true
+        case .valid, .refreshing, .empty, .failed:
+            return true
+        }
+    }
+
+    private static func value(
+        of task: Task<Token, any Error>,
+        orStill previous: Token?,
+        now: Double
+    ) async throws(BridgeError)
+        -> String
+    {
         do {
             return try await task.value.value
         } catch {
+            if let previous, now < previous.expiresAt { return previous.value }
             throw .upstreamAuthFailed
         }
     }
@@ -121,17 +168,22 @@ public actor TokenProvider {
         request.headers.add(name: "Accept", value: "application/json")
         request.body = .bytes(ByteBuffer(string: "grant_type=client_credentials"))
         let started = clock.now()
-        let response = try await httpClient.execute(request, deadline: .now() + TimeAmount(timeout), logger: logger)
+        let response = try await httpClient.execute(
+            request,
+            deadline: .now() + TimeAmount(min(timeout, Self.fetchTimeout)),
+            logger: logger.forHTTPClient
+        )
         let body = try await response.body.collect(upTo: 1 << 20)
         let answer = try? JSONDecoder().decode(TokenAnswer.self, from: Data(buffer: body))
         guard (200..<300).contains(response.status.code) else {
             throw FetchError.rejected(status: response.status.code, reason: answer?.error)
         }
         guard let answer, let value = answer.accessToken, !value.isEmpty else { throw FetchError.malformedAnswer }
-        let lifetime = max(0, answer.expiresIn ?? 3600)
+        let claimed = answer.expiresIn ?? 3600
+        let lifetime = claimed.isFinite ? min(max(0, claimed), Self.maximumLifetime) : 3600
         let margin = lifetime > 2 * Self.refreshMargin ? Self.refreshMargin : lifetime / 2
         logger.debug("fetched a Circuit access token", metadata: ["expires_in": "\(Int(lifetime))"])
-        return Token(value: value, refreshAfter: started + lifetime - margin)
+        return Token(value: value, fetchedAt: started, refreshAfter: started + lifetime - margin, expiresAt: started + lifetime)
     }
 
     /// An error's type and kind, never its payload (which could carry a URL or header).
@@ -161,6 +213,16 @@ public actor TokenProvider {
                 expiresIn = Double(text)
             }
         }
+    }
+}
+
+extension Logger {
+    /// This logger for AsyncHTTPClient, never below `info`: at `trace` it dumps response bytes, which would put
+    /// access tokens and chat content in the log.
+    var forHTTPClient: Logger {
+        var logger = self
+        logger.logLevel = max(logger.logLevel, .info)
+        return logger
     }
 }
 

@@ -61,11 +61,14 @@ extension Usage {
         return observation
     }
 
-    /// A non-negative whole number (`12`, `12.0`, `1.2e1`), else `nil`.
+    /// Token counts are believed up to this; a larger one is clamped, so no sum can overflow.
+    static let maximumCount = 1_000_000_000_000_000
+
+    /// A non-negative whole number (`12`, `12.0`, `1.2e1`), clamped to `maximumCount`, else `nil`.
     private static func integer(_ bytes: UnsafeBufferPointer<UInt8>) -> Int? {
         let text = String(decoding: bytes, as: UTF8.self)
-        if let value = Int(text) { return max(0, value) }
-        if let value = Double(text), value.isFinite, value >= 0, value < 1e15 { return Int(value) }
+        if let value = Int(text) { return min(max(0, value), maximumCount) }
+        if let value = Double(text), value.isFinite { return Int(min(max(0, value), Double(maximumCount))) }
         return nil
     }
 }

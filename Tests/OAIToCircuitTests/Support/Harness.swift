@@ -47,6 +47,7 @@ struct Harness {
         circuitSettings: FakeCircuit.Settings = FakeCircuit.Settings(),
         tokenSettings: FakeTokenEndpoint.Settings = FakeTokenEndpoint.Settings(),
         trusting certificate: String? = nil,
+        policy: (any AdmissionPolicy)? = nil,
         _ body: (Harness) async throws -> Void
     ) async throws {
         let tokens = try await FakeTokenEndpoint.start(tokenSettings)
@@ -82,14 +83,23 @@ struct Harness {
             )
             let recorder = RecordingRecorder()
             bridge.recorder = recorder
+            if let policy { bridge.policy = policy }
             let (ports, portSource) = AsyncStream<(BridgeServer.Scheme, Int)>.makeStream()
             let services = try BridgeServer.listeners(for: bridge) { scheme, port in portSource.yield((scheme, port)) }
-            let group = ServiceGroup(configuration: .init(services: services, gracefulShutdownSignals: [], logger: logger))
-            async let running: Void = group.run()
+            let group = ServiceGroup(configuration: .init(services: [services], gracefulShutdownSignals: [], logger: logger))
+            // If a listener cannot bind, the group ends: finishing the port stream then keeps the wait below from hanging.
+            async let running: Void = {
+                defer { portSource.finish() }
+                try await group.run()
+            }()
             var httpPort: Int?
             var httpsPort: Int?
             for await (scheme, port) in ports.prefix(services.count) {
                 if scheme == .http { httpPort = port } else { httpsPort = port }
+            }
+            guard [httpPort, httpsPort].compactMap({ $0 }).count == services.count else {
+                try await running
+                throw HarnessError.listenersDidNotStart
             }
             let harness = Harness(
                 tokens: tokens,
@@ -165,6 +175,10 @@ struct Harness {
     static func chatBody(model: String = "gpt-4o", stream: Bool = false, extra: String = "") -> String {
         #"{"model": "\#(model)", "messages": [{"role": "user", "content": "hi"}]\#(stream ? #", "stream": true"# : "")\#(extra)}"#
     }
+}
+
+enum HarnessError: Error {
+    case listenersDidNotStart
 }
 
 /// Asserts the bridge's own error shape: status, `error.code`, `error.message`, `error.type` and `detail`.
