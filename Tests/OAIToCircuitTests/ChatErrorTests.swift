@@ -8,7 +8,7 @@ import Testing
 @testable import OAIToCircuit
 
 /// Section 4.1's error rows that the bridge core owns, each against the live server.
-@Suite struct ChatErrorTests {
+@Suite(.timeLimit(.minutes(1))) struct ChatErrorTests {
     @Test func missingSubkeyIs401() async throws {
         try await Harness.with { harness async throws in
             let answer = try await harness.chat(Harness.chatBody(), subkey: nil)

@@ -3,7 +3,7 @@ import Testing
 
 @testable import OAIToCircuit
 
-@Suite struct ChatRequestTests {
+@Suite(.timeLimit(.minutes(1))) struct ChatRequestTests {
     func parse(_ text: String, appKey: String = "key") throws(BridgeError) -> (ChatRequest, String) {
         let request = try ChatRequest.parse(ByteBuffer(string: text), appKey: appKey)
         return (request, String(buffer: request.upstreamBody))

@@ -4,7 +4,7 @@ import Testing
 
 @testable import OAIToCircuit
 
-@Suite struct ConfigurationTests {
+@Suite(.timeLimit(.minutes(1))) struct ConfigurationTests {
     @Test func defaults() throws {
         let configuration = try BridgeConfiguration(environment: [:])
         #expect(configuration.credentials == nil)
@@ -149,5 +149,20 @@ import Testing
     @Test func serveIsTheDefaultSubcommand() throws {
         let command = try OAIToCircuitCommand.parseAsRoot(["--port", "9999"])
         #expect((command as? ServeCommand)?.port == "9999")
+    }
+
+    @Test func theExampleEnvironmentFileIsAValidConfiguration() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent()
+        let values = try EnvironmentFile.load(path: root.appendingPathComponent("deploy/credentials.env.example").path)
+        let configuration = try BridgeConfiguration(environment: values)
+        #expect(configuration.models == BridgeConfiguration.knownModels)
+        // Every variable the bridge reads is documented there (and so in the README's table).
+        for name in [
+            "CIRCUIT_CLIENT_ID", "UPSTREAM_TIMEOUT_SECONDS", "UPSTREAM_MAX_CONNECTIONS", "SHUTDOWN_GRACE_SECONDS",
+            "MAX_REQUEST_BYTES", "CORS_ALLOW_ORIGINS", "CIRCUIT_MODELS", "SPLUNK_VERIFY_SSL",
+        ] {
+            #expect(values[name] != nil, "\(name) missing from the example")
+        }
     }
 }

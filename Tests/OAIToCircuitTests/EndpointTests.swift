@@ -4,7 +4,7 @@ import Testing
 @testable import OAIToCircuit
 
 /// `/health`, `/v1/models`, `/metrics`, CORS and the access log.
-@Suite struct EndpointTests {
+@Suite(.timeLimit(.minutes(1))) struct EndpointTests {
     @Test func healthReportsConfiguration() async throws {
         try await Harness.with(environment: ["CIRCUIT_APPKEY": ""]) { harness async throws in
             let answer = try await harness.request(.GET, "/health", subkey: nil)
@@ -13,6 +13,14 @@ import Testing
             #expect(answer.json?["service"] as? String == "OpenAI to Circuit Bridge")
             #expect(answer.json?["credentials_configured"] as? Bool == true)
             #expect(answer.json?["appkey_configured"] as? Bool == false)
+        }
+    }
+
+    @Test func headAnswersWithoutABody() async throws {
+        try await Harness.with { harness async throws in
+            let answer = try await harness.request(.HEAD, "/health", subkey: nil)
+            #expect(answer.status == 200 && answer.body.isEmpty)
+            #expect(try await harness.request(.GET, "/health").status == 200)  // the connection is still in step
         }
     }
 

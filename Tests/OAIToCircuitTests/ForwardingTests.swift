@@ -4,7 +4,7 @@ import Testing
 @testable import OAIToCircuit
 
 /// What Circuit receives: URL, `api-version`, headers and body (section 4.2 steps 4 and 6).
-@Suite struct ForwardingTests {
+@Suite(.timeLimit(.minutes(1))) struct ForwardingTests {
     @Test func forwardedRequestIsWhatCircuitExpects() async throws {
         try await Harness.with(environment: ["API_VERSION": "2024-10-21"]) { harness async throws in
             let body =

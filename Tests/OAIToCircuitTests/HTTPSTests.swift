@@ -4,7 +4,7 @@ import Testing
 @testable import OAIToCircuit
 
 /// HTTP and HTTPS in one process, with a certificate from `cert generate`.
-@Suite struct HTTPSTests {
+@Suite(.timeLimit(.minutes(1))) struct HTTPSTests {
     static func certificate() throws -> (directory: URL, cert: String, key: String) {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("oai-https-\(UUID().uuidString)")
         let cert = directory.appendingPathComponent("cert.pem").path

@@ -2,7 +2,7 @@ import Testing
 
 @testable import OAIToCircuit
 
-@Suite struct JSONScannerTests {
+@Suite(.timeLimit(.minutes(1))) struct JSONScannerTests {
     func members(_ text: String) throws -> [JSONScanner.Member] {
         var bytes = Array(text.utf8)
         return try bytes.withUnsafeMutableBufferPointer { try JSONScanner.objectMembers(UnsafeBufferPointer($0)) }

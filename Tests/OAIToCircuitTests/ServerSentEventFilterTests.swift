@@ -3,7 +3,7 @@ import Testing
 
 @testable import OAIToCircuit
 
-@Suite struct ServerSentEventFilterTests {
+@Suite(.timeLimit(.minutes(1))) struct ServerSentEventFilterTests {
     static let stream = [
         #"data: {"choices": [], "prompt_filter_results": []}"#, "",
         #"data: {"choices": [{"delta": {"content": "Hi"}}], "usage": null}"#, "",

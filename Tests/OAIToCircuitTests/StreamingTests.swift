@@ -7,7 +7,7 @@ import Testing
 @testable import OAIToCircuit
 
 /// Streaming pass-through (section 4.2, Streaming).
-@Suite struct StreamingTests {
+@Suite(.timeLimit(.minutes(1))) struct StreamingTests {
     /// The `data:` payloads of an SSE body, in order.
     static func payloads(_ body: String) -> [String] {
         body.replacingOccurrences(of: "\r\n", with: "\n").split(separator: "\n").compactMap { line in

@@ -4,7 +4,7 @@ import Testing
 @testable import OAIToCircuit
 
 /// The OAuth2 token cache (section 4.2 step 5).
-@Suite struct TokenTests {
+@Suite(.timeLimit(.minutes(1))) struct TokenTests {
     @Test func oneTokenServesManyChats() async throws {
         try await Harness.with { harness async throws in
             for _ in 0..<5 { #expect(try await harness.chat(Harness.chatBody()).status == 200) }

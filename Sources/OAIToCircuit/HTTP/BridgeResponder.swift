@@ -35,6 +35,7 @@ public struct BridgeResponder: HTTPResponder {
             )
             response = BridgeError.internalError.response()
         }
+        if request.method == .head { response = response.createHeadResponse() }
         response.headers[.xRequestID] = exchange.requestID
         if exchange.route.hasPrefix("/v1/") { cors.decorate(&response.headers, for: request) }
         if !exchange.logsWhenStreamEnds {
