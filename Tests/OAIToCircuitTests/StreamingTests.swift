@@ -45,6 +45,8 @@ import Testing
         try await Harness.with { harness async throws in
             let answer = try await harness.chat(Harness.chatBody(stream: true))
             #expect(answer.status == 200)
+            #expect(answer.headers.first(name: "cache-control") == "no-cache")
+            #expect(answer.headers.first(name: "x-accel-buffering") == "no")
             let payloads = Self.payloads(answer.body)
             #expect(payloads.last == "[DONE]")
             let chunks = payloads.dropLast().compactMap(Self.json)

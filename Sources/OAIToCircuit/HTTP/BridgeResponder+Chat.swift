@@ -51,6 +51,9 @@ extension BridgeResponder {
 
         if upstream.headers.first(name: "content-type")?.lowercased().hasPrefix("text/event-stream") == true {
             exchange.logsWhenStreamEnds = true
+            // Proxies between the bridge and the client must not cache or buffer the stream.
+            headers[.cacheControl] = "no-cache"
+            headers[HTTPField.Name("X-Accel-Buffering")!] = "no"
             var ending = exchange
             ending.logsWhenStreamEnds = false
             let responder = self
