@@ -107,15 +107,18 @@ public actor TokenProvider {
     }
 
     /// Called when Circuit answered 401 to `value`. Returns whether a retry can use another token: a newer one is
-    /// already cached or being fetched, or `value` was old enough to be dropped.
+    /// already cached or being fetched, or `value` was old enough to be dropped. While the identity service is
+    /// failing there is none to be had, and Circuit's 401 is the better answer for the client.
     func refused(_ value: String) -> Bool {
         switch state {
         case .valid(let token) where token.value == value:
             guard clock.now() - token.fetchedAt >= Self.minimumAgeForForcedRefresh else { return false }
             state = .empty
             return true
-        case .valid, .refreshing, .empty, .failed:
+        case .valid, .refreshing, .empty:
             return true
+        case .failed:
+            return false
         }
     }
 

@@ -59,6 +59,8 @@ struct Harness {
             clientConfiguration.tlsConfiguration = tls
         }
         clientConfiguration.timeout = .init(connect: .seconds(5), read: .seconds(30))
+        // Enough connections that concurrent tests really are concurrent at the bridge (the default is 8).
+        clientConfiguration.connectionPool.concurrentHTTP1ConnectionsPerHostSoftLimit = 128
         let client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: clientConfiguration)
         var upstream: HTTPClient?
         do {
