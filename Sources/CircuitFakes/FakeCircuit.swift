@@ -26,6 +26,8 @@ public final class FakeCircuit: Sendable {
         public var chunkCount = 10
         /// Refuse every token with 401, as Circuit does when the client's credentials are revoked.
         public var refuseEveryToken = false
+        /// Keep every request in `requests` (tests read them; a long benchmark run would only grow memory).
+        public var recordsRequests = true
         public init() {}
     }
 
@@ -73,8 +75,8 @@ public final class FakeCircuit: Sendable {
                 headers: headers,
                 body: Array(buffer: body)
             )
-            await requests.append(recorded)
             let current = box.withLockedValue { $0 }
+            if current.recordsRequests { await requests.append(recorded) }
             return try await answer(recorded, settings: current, tokens: tokens, streams: streams, gate: gate)
         }
         let server = try await FakeServer.start(responder)

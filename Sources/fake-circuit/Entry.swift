@@ -9,6 +9,7 @@ struct Entry {
         let tokens = try await FakeTokenEndpoint.start()
         var settings = FakeCircuit.Settings()
         settings.headerDelay = .seconds(3)
+        settings.recordsRequests = false
         let circuit = try await FakeCircuit.start(tokens: tokens, settings: settings)
         FileHandle.standardOutput.write(Data("CIRCUIT_BASE=\(circuit.baseURL) TOKEN_URL=\(tokens.url)\n".utf8))
         while true { try await Task.sleep(for: .seconds(3600)) }

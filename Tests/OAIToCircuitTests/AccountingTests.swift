@@ -28,9 +28,9 @@ import Testing
         var tokens = FakeTokenEndpoint.Settings()
         tokens.failWithStatus = 500
         var settings = FakeCircuit.Settings()
-        settings.headerDelay = .seconds(1)
+        settings.headerDelay = .seconds(2)
         try await Harness.with(
-            environment: ["UPSTREAM_TIMEOUT_SECONDS": "0.3"],
+            environment: ["UPSTREAM_TIMEOUT_SECONDS": "1"],
             circuitSettings: settings,
             tokenSettings: tokens,
             policy: policy
@@ -114,8 +114,8 @@ import Testing
 
     @Test func aStreamBrokenMidLineEndsWithAParsableErrorEvent() async throws {
         var settings = FakeCircuit.Settings()
-        settings.headerDelay = .seconds(1)
-        try await Harness.with(environment: ["UPSTREAM_TIMEOUT_SECONDS": "0.3"], circuitSettings: settings) {
+        settings.headerDelay = .seconds(2)
+        try await Harness.with(environment: ["UPSTREAM_TIMEOUT_SECONDS": "1"], circuitSettings: settings) {
             harness async throws in
             let answer = try await harness.chat(Harness.chatBody(model: "broken-stream", stream: true))
             let events = answer.body.components(separatedBy: "\n\n").filter { !$0.isEmpty }

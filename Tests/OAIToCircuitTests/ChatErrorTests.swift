@@ -147,7 +147,7 @@ import Testing
     @Test func upstreamTimeoutIs504AndReleasesTheReservation() async throws {
         var settings = FakeCircuit.Settings()
         settings.headerDelay = .seconds(3)
-        try await Harness.with(environment: ["UPSTREAM_TIMEOUT_SECONDS": "0.3"], circuitSettings: settings) {
+        try await Harness.with(environment: ["UPSTREAM_TIMEOUT_SECONDS": "1"], circuitSettings: settings) {
             harness async throws in
             let answer = try await harness.chat(Harness.chatBody(model: "slow-headers"))
             expectError(

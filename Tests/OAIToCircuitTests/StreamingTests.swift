@@ -103,24 +103,24 @@ import Testing
 
     @Test func slowStreamLongerThanTheTimeoutButWithShortGapsCompletes() async throws {
         var settings = FakeCircuit.Settings()
-        settings.chunkGap = .milliseconds(150)
-        settings.chunkCount = 8
-        try await Harness.with(environment: ["UPSTREAM_TIMEOUT_SECONDS": "0.5"], circuitSettings: settings) {
+        settings.chunkGap = .milliseconds(250)
+        settings.chunkCount = 6
+        try await Harness.with(environment: ["UPSTREAM_TIMEOUT_SECONDS": "1"], circuitSettings: settings) {
             harness async throws in
             let started = ContinuousClock.now
             let answer = try await harness.chat(Harness.chatBody(model: "slow-stream", stream: true))
-            #expect(ContinuousClock.now - started > .milliseconds(500))
+            #expect(ContinuousClock.now - started > .seconds(1))
             #expect(answer.status == 200)
             #expect(answer.body.hasSuffix("data: [DONE]\n\n"))
-            #expect(Self.payloads(answer.body).filter { $0.contains(" w7") }.count == 1)
-            #expect(await harness.recorder.usage.entries.first?.usage.completionTokens == 8)
+            #expect(Self.payloads(answer.body).filter { $0.contains(" w5") }.count == 1)
+            #expect(await harness.recorder.usage.entries.first?.usage.completionTokens == 6)
         }
     }
 
     @Test func streamThatStallsMidwayEndsWithAnErrorEvent() async throws {
         var settings = FakeCircuit.Settings()
-        settings.headerDelay = .seconds(1)
-        try await Harness.with(environment: ["UPSTREAM_TIMEOUT_SECONDS": "0.3"], circuitSettings: settings) {
+        settings.headerDelay = .seconds(2)
+        try await Harness.with(environment: ["UPSTREAM_TIMEOUT_SECONDS": "1"], circuitSettings: settings) {
             harness async throws in
             let answer = try await harness.chat(Harness.chatBody(model: "stall-stream", stream: true))
             #expect(answer.status == 200)

@@ -46,7 +46,7 @@ struct ServeCommand: AsyncParsableCommand {
             printError(error.description)
             throw configurationExitCode
         }
-        var logger = Logger(label: "oai-to-circuit", factory: { StreamLogHandler.standardError(label: $0) })
+        var logger = Logger(label: "oai-to-circuit", factory: { LineLogHandler(label: $0) })
         logger.logLevel = bridgeConfiguration.logLevel
         do {
             try await BridgeServer.run(configuration: bridgeConfiguration, logger: logger)

@@ -161,19 +161,20 @@ public struct BridgeResponder: HTTPResponder {
     }
 
     static func subkey(in headers: HTTPFields) -> String? {
-        if let header = headers[.xBridgeSubkey] {
-            let subkey = header.trimmingCharacters(in: .whitespaces)
-            if !subkey.isEmpty { return subkey }
-        }
-        guard let authorization = headers[.authorization] else { return nil }
-        let parts = authorization.trimmingCharacters(in: .whitespaces).split(
-            separator: " ",
-            maxSplits: 1,
-            omittingEmptySubsequences: true
-        )
-        guard parts.count == 2, parts[0].lowercased() == "bearer" else { return nil }
-        let token = parts[1].trimmingCharacters(in: .whitespaces)
-        return token.isEmpty ? nil : token
+        if let header = headers[.xBridgeSubkey], let subkey = trimmed(Substring(header)) { return subkey }
+        guard let authorization = headers[.authorization], let value = trimmed(Substring(authorization)),
+            let space = value.firstIndex(where: { $0 == " " || $0 == "\t" }),
+            value[..<space].lowercased() == "bearer"
+        else { return nil }
+        return trimmed(value[space...])
+    }
+
+    /// Without spaces and tabs at either end; `nil` when nothing is left. (Foundation's trimming showed in profiles.)
+    private static func trimmed(_ text: Substring) -> String? {
+        let isBlank: (Character) -> Bool = { $0 == " " || $0 == "\t" }
+        guard let first = text.firstIndex(where: { !isBlank($0) }), let last = text.lastIndex(where: { !isBlank($0) })
+        else { return nil }
+        return String(text[first...last])
     }
 
     private func recordRefusal(_ error: BridgeError, exchange: Exchange) async {
