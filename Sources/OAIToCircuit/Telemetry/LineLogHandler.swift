@@ -1,3 +1,4 @@
+import Foundation
 import Logging
 
 #if canImport(Glibc)
@@ -30,6 +31,10 @@ public struct LineLogHandler: LogHandler {
         if let extra = event.metadata { all.merge(extra) { $1 } }
         for (key, value) in all.sorted(by: { $0.key < $1.key }) {
             line += " \(key)=\(value)"
+        }
+        // A value with a line break must not forge a second log line.
+        if line.contains(where: \.isNewline) {
+            line = line.replacingOccurrences(of: "\r", with: "\\r").replacingOccurrences(of: "\n", with: "\\n")
         }
         line += "\n"
         // One write(2) per line, so lines from concurrent requests never interleave.
