@@ -75,8 +75,6 @@ public actor Journal<Entry: Sendable> {
 
     public var count: Int { entries.count }
 
-    public func removeAll() { entries.removeAll() }
-
     /// Returns once the entries satisfy `predicate`.
     public func wait(until predicate: @escaping @Sendable ([Entry]) -> Bool) async {
         if predicate(entries) { return }

@@ -88,11 +88,6 @@ public final class FakeTokenEndpoint: Sendable {
     /// Makes Circuit refuse a token it would otherwise accept, as when Circuit rotates its keys.
     public func revoke(_ token: String) { _ = revoked.withLockedValue { $0.insert(token) } }
 
-    /// Makes Circuit refuse every token issued so far.
-    public func revokeAll() {
-        let all = issuedTokens
-        revoked.withLockedValue { $0.formUnion(all) }
-    }
 
     public func stop() async { await server.stop() }
 

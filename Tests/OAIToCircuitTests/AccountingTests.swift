@@ -64,10 +64,7 @@ import Testing
         var settings = FakeCircuit.Settings()
         settings.headerDelay = .milliseconds(600)
         try await Harness.with(circuitSettings: settings) { harness async throws in
-            var request = HTTPClientRequest(url: harness.baseURL + "/v1/chat/completions")
-            request.method = .POST
-            request.headers.add(name: "Authorization", value: "Bearer \(Harness.subkey)")
-            request.body = .bytes(ByteBuffer(string: Harness.chatBody(model: "slow-headers", stream: true)))
+            let request = harness.chatRequest(Harness.chatBody(model: "slow-headers", stream: true))
             // The client gives up long before Circuit answers.
             await #expect(throws: (any Error).self) {
                 _ = try await harness.client.execute(request, timeout: .milliseconds(100))

@@ -35,11 +35,7 @@ import Testing
         try await Harness.with(listener: HTTPSTests.listener(mode, cert: files.cert, key: files.key), trusting: files.cert) {
             harness async throws in
             // With both listeners the stream runs over HTTPS, and the HTTP listener must stop accepting all the same.
-            let streamURL = mode == .both ? harness.httpsURL : harness.baseURL
-            var request = HTTPClientRequest(url: streamURL + "/v1/chat/completions")
-            request.method = .POST
-            request.headers.add(name: "Authorization", value: "Bearer \(Harness.subkey)")
-            request.body = .bytes(ByteBuffer(string: Harness.chatBody(model: "gated-stream", stream: true)))
+            let request = harness.chatRequest(Harness.chatBody(model: "gated-stream", stream: true), https: mode == .both)
             let response = try await harness.client.execute(request, timeout: .seconds(30))
             var iterator = response.body.makeAsyncIterator()
             var received = ""

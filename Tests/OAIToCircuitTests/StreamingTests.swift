@@ -22,10 +22,7 @@ import Testing
 
     @Test func firstChunkArrivesBeforeCircuitSendsItsLast() async throws {
         try await Harness.with { harness async throws in
-            var request = HTTPClientRequest(url: harness.baseURL + "/v1/chat/completions")
-            request.method = .POST
-            request.headers.add(name: "Authorization", value: "Bearer \(Harness.subkey)")
-            request.body = .bytes(ByteBuffer(string: Harness.chatBody(model: "gated-stream", stream: true)))
+            let request = harness.chatRequest(Harness.chatBody(model: "gated-stream", stream: true))
             let response = try await harness.client.execute(request, timeout: .seconds(30))
             #expect(response.headers.first(name: "content-type")?.hasPrefix("text/event-stream") == true)
             var received = ""
@@ -135,27 +132,19 @@ import Testing
         var settings = FakeCircuit.Settings()
         settings.chunkGap = .milliseconds(20)
         try await Harness.with(circuitSettings: settings) { harness async throws in
-            var request = HTTPClientRequest(url: harness.baseURL + "/v1/chat/completions")
-            request.method = .POST
-            request.headers.add(name: "Authorization", value: "Bearer \(Harness.subkey)")
-            request.body = .bytes(
-                ByteBuffer(
-                    string: Harness.chatBody(
-                        model: "endless-stream",
-                        stream: true,
-                        extra: #", "stream_options": {"include_usage": true}"#
-                    )
+            let request = harness.chatRequest(
+                Harness.chatBody(
+                    model: "endless-stream",
+                    stream: true,
+                    extra: #", "stream_options": {"include_usage": true}"#
                 )
             )
-            let task = Task {
-                let response = try await harness.client.execute(request, timeout: .seconds(30))
-                var seen = 0
-                for try await chunk in response.body {
-                    seen += String(buffer: chunk).components(separatedBy: " w").count - 1
-                    if seen >= 3 { break }
-                }
+            let response = try await harness.client.execute(request, timeout: .seconds(30))
+            var seen = 0
+            for try await chunk in response.body {
+                seen += String(buffer: chunk).components(separatedBy: " w").count - 1
+                if seen >= 3 { break }
             }
-            try await task.value
             // Leaving the loop drops the response, which closes the connection to the bridge.
             await harness.circuit.streams.wait { !$0.isEmpty }
             #expect(

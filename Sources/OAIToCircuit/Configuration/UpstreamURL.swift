@@ -4,7 +4,6 @@ import Foundation
 /// so paths can be appended.
 public struct UpstreamURL: Sendable, Equatable, CustomStringConvertible {
     public let string: String
-    public let isHTTPS: Bool
 
     public init?(validating text: String) {
         guard let components = URLComponents(string: text),
@@ -15,7 +14,6 @@ public struct UpstreamURL: Sendable, Equatable, CustomStringConvertible {
         var string = text
         while string.hasSuffix("/") { string.removeLast() }
         self.string = string
-        self.isHTTPS = scheme == "https"
     }
 
     /// This URL with `path` (starting with `/`) appended.

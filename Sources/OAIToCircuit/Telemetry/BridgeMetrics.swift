@@ -11,7 +11,6 @@ public final class BridgeMetrics: Sendable {
     private let knownModels: Set<String>
     let tokenRefreshes: CoreMetrics.Counter
     let tokenRefreshFailures: CoreMetrics.Counter
-    let usageRecordFailures: CoreMetrics.Counter
     private let instruments = Mutex<[String: AnyObject]>([:])
 
     public init(models: [String], registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
@@ -26,7 +25,6 @@ public final class BridgeMetrics: Sendable {
         self.knownModels = Set(models)
         self.tokenRefreshes = CoreMetrics.Counter(label: "oai_to_circuit_token_refreshes_total", factory: factory)
         self.tokenRefreshFailures = CoreMetrics.Counter(label: "oai_to_circuit_token_refresh_failures_total", factory: factory)
-        self.usageRecordFailures = CoreMetrics.Counter(label: "oai_to_circuit_usage_record_failures_total", factory: factory)
     }
 
     /// `model` if configured, `none` when the request named none, else `other`.

@@ -170,6 +170,16 @@ struct Harness {
         return Answer(status: Int(response.status.code), headers: response.headers, body: String(buffer: bytes))
     }
 
+    /// A chat request to read as a stream (with `client.execute`), rather than collected whole.
+    func chatRequest(_ body: String, https: Bool = false) -> HTTPClientRequest {
+        var request = HTTPClientRequest(url: (https ? httpsURL : baseURL) + "/v1/chat/completions")
+        request.method = .POST
+        request.headers.add(name: "Authorization", value: "Bearer \(Harness.subkey)")
+        request.headers.add(name: "Content-Type", value: "application/json")
+        request.body = .bytes(ByteBuffer(string: body))
+        return request
+    }
+
     func chat(_ body: String, subkey: String? = Harness.subkey, headers: [(String, String)] = []) async throws -> Answer {
         try await request(.POST, "/v1/chat/completions", body: body, subkey: subkey, headers: headers)
     }
