@@ -88,7 +88,6 @@ public final class FakeTokenEndpoint: Sendable {
     /// Makes Circuit refuse a token it would otherwise accept, as when Circuit rotates its keys.
     public func revoke(_ token: String) { _ = revoked.withLockedValue { $0.insert(token) } }
 
-
     public func stop() async { await server.stop() }
 
     static func json(_ text: String, status: HTTPResponse.Status) -> Response {
