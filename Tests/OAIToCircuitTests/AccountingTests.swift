@@ -1,6 +1,7 @@
 import AsyncHTTPClient
 import CircuitFakes
 import Foundation
+import Hummingbird
 import NIOConcurrencyHelpers
 import NIOCore
 import Testing
@@ -72,6 +73,30 @@ import Testing
             await harness.recorder.usage.wait { !$0.isEmpty }
             let record = try #require(await harness.recorder.usage.entries.first)
             #expect(record.clientDisconnected && record.isStreaming && record.statusCode == 200)
+        }
+    }
+
+    @Test func aStreamBodyThatNeverRunsIsAccountedWhenDropped() async throws {
+        try await Harness.with { harness async throws in
+            let caller = Caller(subkey: Harness.subkey)
+            let request = Request(
+                head: .init(method: .post, scheme: "http", authority: "bridge", path: "/v1/chat/completions"),
+                body: .init(buffer: ByteBuffer())
+            )
+            var exchange = Exchange(request: request, clientAddress: "192.0.2.7")
+            exchange.model = "gpt-4o"
+            let accounting = Accounting(
+                bridge: harness.bridge,
+                exchange: exchange,
+                admission: Admission(caller: caller, model: "gpt-4o"),
+                isStreaming: true,
+                status: .ok
+            )
+            // What Hummingbird does when writing the head fails: the body, and so this guard, is dropped unrun.
+            _ = UnstartedStream(accounting: accounting, finish: {})
+            await harness.recorder.usage.wait { !$0.isEmpty }
+            let record = try #require(await harness.recorder.usage.entries.first)
+            #expect(record.clientDisconnected && record.isStreaming && record.clientAddress == "192.0.2.7")
         }
     }
 

@@ -222,10 +222,14 @@ struct Exchange: Sendable {
     var logsWhenStreamEnds = false
 
     init(request: Request, context: BridgeRequestContext) {
+        self.init(request: request, clientAddress: context.clientAddress)
+    }
+
+    init(request: Request, clientAddress: String) {
         self.requestID = Self.requestID(from: request.headers[.xRequestID])
         self.method = request.method.rawValue
         self.path = request.uri.path
-        self.clientAddress = context.clientAddress
+        self.clientAddress = clientAddress
         self.forwardedFor = request.headers[.xForwardedFor] ?? ""
     }
 
