@@ -1,4 +1,6 @@
 import Foundation
+import NIOCore
+import NIOPosix
 import Testing
 
 @testable import OAIToCircuit
@@ -144,6 +146,49 @@ import Testing
                 }
             }
             #expect(!everything.contains(Data("client-id:client-secret".utf8).base64EncodedString().lowercased()))
+        }
+    }
+}
+
+/// A client that half-closes its connection after sending (as `nc -N` does) still gets its answer.
+@Suite(.timeLimit(.minutes(1))) struct HalfCloseTests {
+    /// Collects everything the server sends until it closes.
+    final class Collector: ChannelInboundHandler, @unchecked Sendable {
+        // Touched only on the channel's event loop; the promise hands the result over.
+        typealias InboundIn = ByteBuffer
+        var received = ""
+        let done: EventLoopPromise<String>
+        init(done: EventLoopPromise<String>) { self.done = done }
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            received += String(buffer: unwrapInboundIn(data))
+        }
+        func channelInactive(context: ChannelHandlerContext) { done.succeed(received) }
+        func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+            if case ChannelEvent.inputClosed = event { context.close(promise: nil) }
+        }
+    }
+
+    @Test func halfClosedClientStillGetsItsAnswer() async throws {
+        try await Harness.with { harness async throws in
+            let group = MultiThreadedEventLoopGroup.singleton
+            let done = group.next().makePromise(of: String.self)
+            let channel = try await ClientBootstrap(group: group)
+                .channelOption(.allowRemoteHalfClosure, value: true)
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(Collector(done: done))
+                    }
+                }
+                .connect(host: "127.0.0.1", port: harness.httpPort!).get()
+            let body = Harness.chatBody()
+            let request =
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: bridge\r\nAuthorization: Bearer \(Harness.subkey)\r\n"
+                + "Content-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\nConnection: close\r\n\r\n\(body)"
+            try await channel.writeAndFlush(ByteBuffer(string: request)).get()
+            try await channel.close(mode: .output).get()
+            let answer = try await done.futureResult.get()
+            #expect(answer.hasPrefix("HTTP/1.1 200"))
+            #expect(answer.contains("Hello from fake Circuit"))
         }
     }
 }

@@ -128,6 +128,27 @@ import Testing
         }
     }
 
+    @Test func clientLeavingWhileCircuitIsSilentIsNoticedWithoutWaitingForCircuit() async throws {
+        try await Harness.with { harness async throws in
+            do {
+                let response = try await harness.client.execute(
+                    harness.chatRequest(Harness.chatBody(model: "gated-stream", stream: true)),
+                    timeout: .seconds(30)
+                )
+                var received = ""
+                for try await chunk in response.body {
+                    received += String(buffer: chunk)
+                    if received.contains("Hello") { break }
+                }
+            }
+            // Circuit stays silent behind its gate: only the bridge noticing the closed connection ends this wait.
+            await harness.recorder.usage.wait { !$0.isEmpty }
+            let record = try #require(await harness.recorder.usage.entries.first)
+            #expect(record.clientDisconnected && record.isStreaming)
+            await harness.circuit.openGate()
+        }
+    }
+
     @Test func clientDisconnectCancelsCircuitAndRecordsUsageSoFar() async throws {
         var settings = FakeCircuit.Settings()
         settings.chunkGap = .milliseconds(20)

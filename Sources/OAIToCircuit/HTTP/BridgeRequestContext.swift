@@ -6,10 +6,13 @@ import NIOCore
 public struct BridgeRequestContext: InitializableFromSource {
     public let remoteAddress: SocketAddress?
     public let logger: Logger
+    /// The client's connection, so a long stream can notice that it has gone.
+    let channel: (any Channel)?
 
     public init(source: ApplicationRequestContextSource) {
         self.remoteAddress = source.channel.remoteAddress
         self.logger = source.logger
+        self.channel = source.channel
     }
 
     /// The peer's IP address without its port, `""` when unknown (a Unix socket, or a closed channel).

@@ -1,3 +1,4 @@
+import AsyncAlgorithms
 import AsyncHTTPClient
 import HTTPTypes
 import Hummingbird
@@ -60,12 +61,18 @@ extension BridgeResponder {
             let finish: @Sendable () -> Void = { [ending] in responder.finish(ending, status: Int(status.code)) }
             let unstarted = UnstartedStream(accounting: accounting, finish: finish)
             let hidesUsageChunk = !chat.clientWantsUsage
+            let client = context.channel
             return Response(
                 status: status,
                 headers: headers,
                 body: ResponseBody { writer in
                     unstarted.start()
-                    let outcome = await accounting.relay(upstream.body, hidingUsageChunk: hidesUsageChunk, to: &writer)
+                    let outcome = await accounting.relay(
+                        upstream.body,
+                        hidingUsageChunk: hidesUsageChunk,
+                        watching: client,
+                        to: &writer
+                    )
                     finish()
                     if outcome.clientDisconnected { throw CancellationError() }
                 }
@@ -142,28 +149,70 @@ struct Accounting: Sendable {
         )
     }
 
+    /// How often a stream checks, while Circuit is silent, that its client is still connected.
+    static let clientCheckInterval: Duration = .milliseconds(500)
+
+    private enum StreamEvent: Sendable {
+        case chunk(ByteBuffer)
+        case end
+        case failed(any Error)
+        case clientGone
+    }
+
     /// Passes Circuit's event stream to the client as it arrives. Stops reading Circuit (which cancels its request)
-    /// when the client goes away; turns a failure of Circuit mid-stream into a final SSE error event.
+    /// when the client goes away, also while Circuit is silent; turns a failure of Circuit mid-stream into a final
+    /// SSE error event.
     func relay(
         _ upstream: HTTPClientResponse.Body,
         hidingUsageChunk: Bool,
+        watching client: (any Channel)?,
         to writer: inout any ResponseBodyWriter
     ) async -> Outcome {
         var filter = ServerSentEventFilter(hidesUsageChunk: hidingUsageChunk)
         var outcome = Outcome()
         var failure: BridgeError?
-        do {
-            for try await chunk in upstream {
-                guard let out = filter.consume(chunk) else { continue }
+        // Circuit is read in a child task, so that a client leaving can interrupt a wait for Circuit's next chunk.
+        let events = AsyncChannel<StreamEvent>()
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask {
                 do {
-                    try await writer.write(out)
+                    for try await chunk in upstream { await events.send(.chunk(chunk)) }
+                    await events.send(.end)
                 } catch {
-                    outcome.clientDisconnected = true
-                    break
+                    await events.send(.failed(error))
                 }
             }
-        } catch {
-            failure = CircuitClient.classify(error, logger: bridge.logger)
+            if let client {
+                group.addTask {
+                    let hangUp = try? await client.pipeline.handler(type: ClientHangUpHandler.self).get()
+                    while !Task.isCancelled, client.isActive, hangUp?.hasHungUp != true {
+                        try? await Task.sleep(for: Self.clientCheckInterval)
+                    }
+                    if !Task.isCancelled { await events.send(.clientGone) }
+                }
+            }
+            receiving: for await event in events {
+                switch event {
+                case .chunk(let chunk):
+                    guard let out = filter.consume(chunk) else { continue }
+                    do {
+                        try await writer.write(out)
+                    } catch {
+                        outcome.clientDisconnected = true
+                        break receiving
+                    }
+                case .end:
+                    break receiving
+                case .failed(let error):
+                    failure = CircuitClient.classify(error, logger: bridge.logger)
+                    break receiving
+                case .clientGone:
+                    outcome.clientDisconnected = true
+                    break receiving
+                }
+            }
+            group.cancelAll()
+            events.finish()
         }
         var tail: ByteBuffer?
         if !outcome.clientDisconnected {

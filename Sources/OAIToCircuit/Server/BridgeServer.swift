@@ -82,7 +82,9 @@ public enum BridgeServer {
         let responder = BridgeResponder(bridge: bridge)
         var logger = bridge.logger
         logger.logLevel = max(logger.logLevel, .notice)  // Hummingbird's own per-connection chatter
-        let http1 = HTTPServerBuilder.http1(configuration: .init(idleTimeout: connectionIdleTimeout))
+        let http1 = HTTPServerBuilder.http1(
+            configuration: .init(additionalChannelHandlers: [ClientHangUpHandler()], idleTimeout: connectionIdleTimeout)
+        )
         var applications: [any Service] = []
         if listener.tls != .only {
             applications.append(
