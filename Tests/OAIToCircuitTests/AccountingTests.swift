@@ -30,11 +30,12 @@ import Testing
         tokens.failWithStatus = 500
         var settings = FakeCircuit.Settings()
         settings.headerDelay = .seconds(2)
+        let usePolicy: (inout Bridge) -> Void = { $0.policy = policy }
         try await Harness.with(
             environment: ["UPSTREAM_TIMEOUT_SECONDS": "1"],
             circuitSettings: settings,
             tokenSettings: tokens,
-            policy: policy
+            configure: usePolicy
         ) {
             harness async throws in
             _ = try await harness.chat(Harness.chatBody(model: "gpt-4o"))  // no token: 502
@@ -54,7 +55,8 @@ import Testing
     }
 
     @Test func modelsTheCallerMayNotUseAreNotListed() async throws {
-        try await Harness.with(policy: RecordingPolicy()) { harness async throws in
+        let policy: (inout Bridge) -> Void = { $0.policy = RecordingPolicy() }
+        try await Harness.with(configure: policy) { harness async throws in
             let data = try #require(try await harness.request(.GET, "/v1/models").json?["data"] as? [[String: Any]])
             #expect(!data.contains { $0["id"] as? String == "o3" } && data.count == 6)
             expectError(try await harness.request(.GET, "/v1/models/o3"), status: 404, code: "model_not_found")
@@ -142,10 +144,10 @@ import Testing
             let answer = try await harness.chat(Harness.chatBody(model: "broken-stream", stream: true))
             let events = answer.body.components(separatedBy: "\n\n").filter { !$0.isEmpty }
             // Every event stands alone and parses: the half line Circuit left is gone.
-            #expect(events.allSatisfy { $0.hasPrefix("data: ") && StreamingTests.json(String($0.dropFirst(6))) != nil })
+            #expect(events.allSatisfy { $0.hasPrefix("data: ") && Harness.json(String($0.dropFirst(6))) != nil })
             let last = try #require(events.last)
             #expect(last.hasPrefix("data: "))
-            let json = try #require(StreamingTests.json(String(last.dropFirst(6))))
+            let json = try #require(Harness.json(String(last.dropFirst(6))))
             #expect((json["error"] as? [String: Any])?["code"] as? String == "upstream_timeout")
         }
     }

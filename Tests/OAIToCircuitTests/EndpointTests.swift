@@ -18,6 +18,18 @@ import Testing
         }
     }
 
+    @Test func healthIsUnhealthyWhenAComponentSaysSo() async throws {
+        let report = HealthReport(isHealthy: false, fields: [("database", #"{"error": "disk I/O error"}"#)])
+        let unhealthy: (inout Bridge) -> Void = { $0.health = { report } }
+        try await Harness.with(configure: unhealthy) { harness async throws in
+            let answer = try await harness.request(.GET, "/health", subkey: nil)
+            #expect(answer.status == 503)
+            #expect(answer.json?["status"] as? String == "unhealthy")
+            #expect((answer.json?["database"] as? [String: Any])?["error"] as? String == "disk I/O error")
+            #expect(answer.json?["service"] as? String == "OpenAI to Circuit Bridge")
+        }
+    }
+
     @Test func headAnswersWithoutABody() async throws {
         try await Harness.with { harness async throws in
             let answer = try await harness.request(.HEAD, "/health", subkey: nil)

@@ -50,8 +50,6 @@ import Testing
     }
 
     @Test func missingCertificateNamesTheFileAndHowToMakeOne() async throws {
-        var configuration = BridgeConfiguration()
-        configuration.listener = Self.listener(.only, cert: "/nonexistent/cert.pem", key: "/nonexistent/key.pem")
         #expect {
             try BridgeServer.tlsConfiguration(certificate: "/nonexistent/cert.pem", privateKey: "/nonexistent/key.pem")
         } throws: { error in

@@ -16,10 +16,6 @@ import Testing
         }
     }
 
-    static func json(_ payload: String) -> [String: Any]? {
-        (try? JSONSerialization.jsonObject(with: Data(payload.utf8))) as? [String: Any]
-    }
-
     @Test func firstChunkArrivesBeforeCircuitSendsItsLast() async throws {
         try await Harness.with { harness async throws in
             let request = harness.chatRequest(Harness.chatBody(model: "gated-stream", stream: true))
@@ -46,7 +42,7 @@ import Testing
             #expect(answer.headers.first(name: "x-accel-buffering") == "no")
             let payloads = Self.payloads(answer.body)
             #expect(payloads.last == "[DONE]")
-            let chunks = payloads.dropLast().compactMap(Self.json)
+            let chunks = payloads.dropLast().compactMap(Harness.json)
             #expect(chunks.count == payloads.count - 1)
             #expect(!chunks.contains { $0["usage"] is [String: Any] })
             // Azure's prompt_filter_results chunk also has empty choices, and must pass.
@@ -70,7 +66,7 @@ import Testing
             let answer = try await harness.chat(
                 Harness.chatBody(stream: true, extra: #", "stream_options": {"include_usage": true}"#)
             )
-            let chunks = Self.payloads(answer.body).compactMap(Self.json)
+            let chunks = Self.payloads(answer.body).compactMap(Harness.json)
             let usage = try #require(chunks.last?["usage"] as? [String: Any])
             #expect(usage["total_tokens"] as? Int == 15)
             #expect((chunks.last?["choices"] as? [Any])?.isEmpty == true)
@@ -121,7 +117,7 @@ import Testing
             harness async throws in
             let answer = try await harness.chat(Harness.chatBody(model: "stall-stream", stream: true))
             #expect(answer.status == 200)
-            let last = try #require(Self.payloads(answer.body).last.flatMap(Self.json))
+            let last = try #require(Self.payloads(answer.body).last.flatMap(Harness.json))
             #expect((last["error"] as? [String: Any])?["code"] as? String == "upstream_timeout")
             let record = try #require(await harness.recorder.usage.entries.first)
             #expect(record.statusCode == 200 && record.isStreaming && !record.clientDisconnected)

@@ -7,7 +7,7 @@ public struct BridgeRequestContext: InitializableFromSource {
     public let remoteAddress: SocketAddress?
     public let logger: Logger
     /// The client's connection, so a long stream can notice that it has gone.
-    let channel: (any Channel)?
+    let channel: any Channel
 
     public init(source: ApplicationRequestContextSource) {
         self.remoteAddress = source.channel.remoteAddress

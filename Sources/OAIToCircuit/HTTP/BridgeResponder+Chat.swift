@@ -28,11 +28,7 @@ extension BridgeResponder {
             await bridge.policy.release(admission)
             throw error
         }
-        bridge.metrics.upstreamResponded(
-            model: chat.model,
-            status: Int(upstream.status.code),
-            after: ContinuousClock.now - sent
-        )
+        bridge.metrics.upstreamResponded(model: chat.model, after: ContinuousClock.now - sent)
 
         var headers: HTTPFields = [:]
         for header in upstream.headers {
@@ -165,7 +161,7 @@ struct Accounting: Sendable {
     func relay(
         _ upstream: HTTPClientResponse.Body,
         hidingUsageChunk: Bool,
-        watching client: (any Channel)?,
+        watching client: any Channel,
         to writer: inout any ResponseBodyWriter
     ) async -> Outcome {
         var filter = ServerSentEventFilter(hidesUsageChunk: hidingUsageChunk)
@@ -182,14 +178,12 @@ struct Accounting: Sendable {
                     await events.send(.failed(error))
                 }
             }
-            if let client {
-                group.addTask {
-                    let hangUp = try? await client.pipeline.handler(type: ClientHangUpHandler.self).get()
-                    while !Task.isCancelled, client.isActive, hangUp?.hasHungUp != true {
-                        try? await Task.sleep(for: Self.clientCheckInterval)
-                    }
-                    if !Task.isCancelled { await events.send(.clientGone) }
+            group.addTask {
+                let hangUp = try? await client.pipeline.handler(type: ClientHangUpHandler.self).get()
+                while !Task.isCancelled, client.isActive, hangUp?.hasHungUp != true {
+                    try? await Task.sleep(for: Self.clientCheckInterval)
                 }
+                if !Task.isCancelled { await events.send(.clientGone) }
             }
             receiving: for await event in events {
                 switch event {

@@ -41,7 +41,7 @@ public final class BridgeMetrics: Sendable {
     }
 
     /// Time from sending a request to Circuit to receiving its response head.
-    func upstreamResponded(model: String, status: Int, after duration: Duration) {
+    func upstreamResponded(model: String, after duration: Duration) {
         timer("oai_to_circuit_upstream_duration_seconds", [("model", modelLabel(model))]).record(duration: duration)
     }
 

@@ -47,7 +47,7 @@ struct Harness {
         circuitSettings: FakeCircuit.Settings = FakeCircuit.Settings(),
         tokenSettings: FakeTokenEndpoint.Settings = FakeTokenEndpoint.Settings(),
         trusting certificate: String? = nil,
-        policy: (any AdmissionPolicy)? = nil,
+        configure: (inout Bridge) -> Void = { _ in },
         _ body: (Harness) async throws -> Void
     ) async throws {
         let tokens = try await FakeTokenEndpoint.start(tokenSettings)
@@ -85,7 +85,7 @@ struct Harness {
             )
             let recorder = RecordingRecorder()
             bridge.recorder = recorder
-            if let policy { bridge.policy = policy }
+            configure(&bridge)
             let (ports, portSource) = AsyncStream<(BridgeServer.Scheme, Int)>.makeStream()
             let services = try BridgeServer.listeners(for: bridge) { scheme, port in portSource.yield((scheme, port)) }
             let group = ServiceGroup(configuration: .init(services: [services], gracefulShutdownSignals: [], logger: logger))
@@ -145,7 +145,7 @@ struct Harness {
         var status: Int
         var headers: HTTPHeaders
         var body: String
-        var json: [String: Any]? { (try? JSONSerialization.jsonObject(with: Data(body.utf8))) as? [String: Any] }
+        var json: [String: Any]? { Harness.json(body) }
         var error: [String: Any]? { json?["error"] as? [String: Any] }
     }
 
@@ -182,6 +182,11 @@ struct Harness {
 
     func chat(_ body: String, subkey: String? = Harness.subkey, headers: [(String, String)] = []) async throws -> Answer {
         try await request(.POST, "/v1/chat/completions", body: body, subkey: subkey, headers: headers)
+    }
+
+    /// `text` parsed as a JSON object, else `nil`.
+    static func json(_ text: String) -> [String: Any]? {
+        (try? JSONSerialization.jsonObject(with: Data(text.utf8))) as? [String: Any]
     }
 
     static func chatBody(model: String = "gpt-4o", stream: Bool = false, extra: String = "") -> String {
