@@ -39,7 +39,7 @@ import Testing
     }
 
     @Test func subkeyFromEitherHeaderIsAccepted() async throws {
-        try await Harness.with { harness async throws in
+        try await Harness.with(environment: ["QUOTAS_JSON": #"{"sk-x": {}, "sk-y": {}}"#]) { harness async throws in
             #expect(
                 try await harness.chat(Harness.chatBody(), subkey: nil, headers: [("X-Bridge-Subkey", " sk-x ")]).status == 200
             )

@@ -119,10 +119,17 @@ import Testing
         #expect(emptyWins.appKey == "from-file")
     }
 
-    @Test func inlineQuotasMustBeAJSONObject() throws {
+    @Test func inlineQuotasMustBeAValidPolicy() throws {
         #expect(try BridgeConfiguration(environment: ["QUOTAS_JSON": #"{"alice": {"*": {"requests": 5}}}"#]).quotasJSON != nil)
-        for bad in ["[1]", "{", "alice"] {
-            #expect(throws: ConfigurationError("QUOTAS_JSON", "must be a JSON object")) {
+        let cases = [
+            ("[1]", "must be a JSON object, not an array"), ("{", "not valid JSON"), ("alice", "not valid JSON"),
+            (
+                #"{"alice": {"*": {"requests": "5"}}}"#,
+                "subkey entry #1 (\(Caller.hash("alice"))) → '*' → requests must be a whole number or null, not a string"
+            ),
+        ]
+        for (bad, problem) in cases {
+            #expect(throws: ConfigurationError("QUOTAS_JSON", problem)) {
                 try BridgeConfiguration(environment: ["QUOTAS_JSON": bad])
             }
         }

@@ -6,7 +6,8 @@ import Testing
 /// What Circuit receives: URL, `api-version`, headers and body (section 4.2 steps 4 and 6).
 @Suite(.timeLimit(.minutes(1))) struct ForwardingTests {
     @Test func forwardedRequestIsWhatCircuitExpects() async throws {
-        try await Harness.with(environment: ["API_VERSION": "2024-10-21"]) { harness async throws in
+        let environment = ["API_VERSION": "2024-10-21", "QUOTAS_JSON": #"{"sk-other": {}}"#]
+        try await Harness.with(environment: environment) { harness async throws in
             let body =
                 #"{"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o", "temperature": 0.70, "max_tokens": 1e2, "n": 1, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "seed": 12345678901234567890}"#
             let answer = try await harness.chat(body, headers: [("X-Bridge-Subkey", "sk-other"), ("X-Request-ID", "trace-123")])

@@ -10,13 +10,13 @@ public protocol SubkeyAuthorizer: Sendable {
 public struct Admission: Sendable {
     public var caller: Caller
     public var model: String
-    /// Opaque to the bridge core; the policy's own bookkeeping.
-    public var reservation: UInt64
+    /// When the request was admitted, seconds since 1970: its periodic counts belong to that day and month.
+    public var admittedAt: Double
 
-    public init(caller: Caller, model: String, reservation: UInt64 = 0) {
+    public init(caller: Caller, model: String, admittedAt: Double = 0) {
         self.caller = caller
         self.model = model
-        self.reservation = reservation
+        self.admittedAt = admittedAt
     }
 }
 

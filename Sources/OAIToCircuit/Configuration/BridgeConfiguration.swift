@@ -6,7 +6,7 @@ import Logging
 /// `CIRCUIT_CLIENT_ID`, `CIRCUIT_CLIENT_SECRET`, `CIRCUIT_APPKEY`, `CIRCUIT_BASE`, `TOKEN_URL`, `API_VERSION`,
 /// `CIRCUIT_MODELS`, `REQUIRE_SUBKEY`, `MAX_REQUEST_BYTES`, `UPSTREAM_TIMEOUT_SECONDS`,
 /// `UPSTREAM_MAX_CONNECTIONS`, `SHUTDOWN_GRACE_SECONDS`, `LOG_LEVEL`, `CORS_ALLOW_ORIGINS`,
-/// `QUOTA_DB_PATH`, `QUOTAS_JSON`, `QUOTAS_JSON_PATH`, and the `SPLUNK_*` family.
+/// `QUOTA_DB_PATH`, `QUOTAS_JSON`, `QUOTAS_JSON_PATH`, `USAGE_LOG_RETENTION_DAYS`, and the `SPLUNK_*` family.
 public struct BridgeConfiguration: Sendable {
     public enum TLSMode: Sendable, Equatable {
         /// HTTP only.
@@ -50,6 +50,8 @@ public struct BridgeConfiguration: Sendable {
     public var quotaDatabasePath = "quota.db"
     public var quotasJSON: String?
     public var quotasJSONPath = "quotas.json"
+    /// Days the per-request usage log keeps its rows.
+    public var usageLogRetentionDays = 90
     public var splunk = Splunk()
 
     public struct Splunk: Sendable {
@@ -114,14 +116,15 @@ public struct BridgeConfiguration: Sendable {
         }
         if let path = env["QUOTA_DB_PATH"] { self.quotaDatabasePath = path }
         if let inline = env["QUOTAS_JSON"] {
-            var bytes = Array(inline.utf8)
-            let isObject = bytes.withUnsafeMutableBufferPointer {
-                (try? JSONScanner.objectMembers(UnsafeBufferPointer($0))) != nil
+            do {
+                _ = try QuotaPolicy.parse(Array(inline.utf8), source: "QUOTAS_JSON")
+            } catch {
+                throw ConfigurationError("QUOTAS_JSON", String(error.message.dropFirst("QUOTAS_JSON: ".count)))
             }
-            guard isObject else { throw ConfigurationError("QUOTAS_JSON", "must be a JSON object") }
             self.quotasJSON = inline
         }
         if let path = env["QUOTAS_JSON_PATH"] { self.quotasJSONPath = path }
+        if let days = try env.integer("USAGE_LOG_RETENTION_DAYS", in: 1...36_500) { self.usageLogRetentionDays = days }
         self.splunk.url = try env.url("SPLUNK_HEC_URL")
         self.splunk.token = env["SPLUNK_HEC_TOKEN"]
         if let source = env["SPLUNK_SOURCE"] { self.splunk.source = source }

@@ -179,6 +179,7 @@ public struct BridgeResponder: HTTPResponder {
 
     private func recordRefusal(_ error: BridgeError, exchange: Exchange) async {
         guard [401, 403, 429, 502, 504].contains(error.status.code) else { return }
+        bridge.metrics.refused(code: error.code)
         await bridge.recorder.record(
             RefusalRecord(
                 requestID: exchange.requestID,

@@ -34,14 +34,15 @@ public enum BridgeServer {
         return HTTPClient(eventLoopGroup: MultiThreadedEventLoopGroup.singleton, configuration: client)
     }
 
-    /// The bridge with this issue's default seams: every subkey passes, no limits, usage as debug log lines.
+    /// The bridge's core with the given seams (defaults: every subkey passes, no limits, usage as debug lines).
     public static func makeBridge(
         configuration: BridgeConfiguration,
         httpClient: HTTPClient,
         clock: BridgeClock = .system,
+        metrics: BridgeMetrics? = nil,
         logger: Logger
     ) -> Bridge {
-        let metrics = BridgeMetrics(models: configuration.models)
+        let metrics = metrics ?? BridgeMetrics(models: configuration.models)
         let tokens = TokenProvider(
             credentials: configuration.credentials,
             tokenURL: configuration.tokenURL,
@@ -66,6 +67,92 @@ public enum BridgeServer {
             clock: clock,
             logger: logger
         )
+    }
+
+    /// The whole bridge: the core, the quota policy (a bad one is a configuration error naming the variable), the
+    /// ledger (opened and migrated; its counters loaded), and the policy reloader that runs beside the listeners.
+    public struct Assembly: Sendable {
+        public var bridge: Bridge
+        public var enforcer: QuotaEnforcer
+        public var writer: LedgerWriter
+        public var reloader: PolicyReloader
+        public var store: any LedgerStore
+
+        /// Writes what a failing database left behind and closes it (after the listeners have stopped).
+        public func close() async {
+            await writer.flush()
+            try? await store.close()
+        }
+    }
+
+    public static func assemble(
+        configuration: BridgeConfiguration,
+        httpClient: HTTPClient,
+        clock: BridgeClock = .system,
+        policyPollInterval: Duration = .seconds(2),
+        logger: Logger
+    ) async throws -> Assembly {
+        let source = PolicySource(configuration)
+        let policy: QuotaPolicy
+        do {
+            policy = try source.load()
+        } catch {
+            throw ConfigurationError(source.variable, error.message)
+        }
+        let store: SQLiteLedger
+        do {
+            store = try SQLiteLedger.open(path: configuration.quotaDatabasePath)
+        } catch {
+            throw StartupError(
+                "cannot open the usage database \(configuration.quotaDatabasePath) (QUOTA_DB_PATH): "
+                    + LedgerWriter.describe(error)
+            )
+        }
+        let today = PeriodCalendar.day(clock.now())
+        let snapshot: LedgerSnapshot
+        let directory: KeyDirectory
+        do {
+            snapshot = try await store.snapshot(
+                day: PeriodCalendar.dayString(today),
+                month: PeriodCalendar.monthString(PeriodCalendar.month(ofDay: today))
+            )
+            directory = try await store.directory()
+        } catch {
+            try? await store.close()
+            throw StartupError("cannot read the usage database \(store.location): " + LedgerWriter.describe(error))
+        }
+        let enforcer = QuotaEnforcer(policy: policy, directory: directory, clock: clock)
+        enforcer.load(snapshot)
+        let metrics = BridgeMetrics(models: configuration.models)
+        let writer = LedgerWriter(
+            store: store,
+            retentionDays: configuration.usageLogRetentionDays,
+            clock: clock,
+            logger: logger,
+            metrics: metrics
+        )
+        let reloader = PolicyReloader(
+            source: source,
+            enforcer: enforcer,
+            store: store,
+            pollInterval: policyPollInterval,
+            clock: clock,
+            logger: logger
+        )
+        var bridge = makeBridge(
+            configuration: configuration,
+            httpClient: httpClient,
+            clock: clock,
+            metrics: metrics,
+            logger: logger
+        )
+        bridge.authorizer = enforcer
+        bridge.policy = enforcer
+        bridge.recorder = LedgerRecorder(enforcer: enforcer, writer: writer, logger: logger)
+        bridge.health = { [writer, reloader] in
+            HealthReport.of(ledger: writer.health, location: store.location, policy: reloader.status)
+        }
+        return Assembly(bridge: bridge, enforcer: enforcer, writer: writer, reloader: reloader, store: store)
     }
 
     /// How long a connection may stay silent between requests (or while a request is read) before it is closed.
@@ -163,17 +250,25 @@ public enum BridgeServer {
     /// streams finish within the grace period, and shuts the HTTP client down.
     public static func run(configuration: BridgeConfiguration, logger: Logger) async throws {
         let httpClient = makeHTTPClient(configuration)
+        let assembly: Assembly
         do {
-            let bridge = makeBridge(configuration: configuration, httpClient: httpClient, logger: logger)
-            let services = try listeners(for: bridge) { scheme, port in
+            assembly = try await assemble(configuration: configuration, httpClient: httpClient, logger: logger)
+        } catch {
+            try? await httpClient.shutdown()
+            throw error
+        }
+        do {
+            let services = try listeners(for: assembly.bridge) { scheme, port in
                 logger.notice(
                     "listening",
                     metadata: ["scheme": "\(scheme.rawValue)", "host": "\(configuration.listener.host)", "port": "\(port)"]
                 )
             }
-            announce(configuration, logger: logger)
+            announce(configuration, assembly: assembly, logger: logger)
+            // Shutdown runs in reverse: the listeners stop (finishing in-flight requests, which still commit to the
+            // ledger) before the reloader.
             var group = ServiceGroupConfiguration(
-                services: [.init(service: services)],
+                services: [.init(service: assembly.reloader), .init(service: services)],
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger
             )
@@ -181,14 +276,16 @@ public enum BridgeServer {
             group.maximumCancellationDuration = .seconds(5)
             try await ServiceGroup(configuration: group).run()
         } catch {
+            await assembly.close()
             try? await httpClient.shutdown()
             throw error
         }
+        await assembly.close()
         try await httpClient.shutdown()
         logger.notice("stopped")
     }
 
-    private static func announce(_ configuration: BridgeConfiguration, logger: Logger) {
+    private static func announce(_ configuration: BridgeConfiguration, assembly: Assembly, logger: Logger) {
         if configuration.credentials == nil {
             logger.warning("CIRCUIT_CLIENT_ID and CIRCUIT_CLIENT_SECRET are not set: chat requests will answer 502")
         }
@@ -198,12 +295,31 @@ public enum BridgeServer {
         if !configuration.requireSubkey {
             logger.warning("REQUIRE_SUBKEY is off: requests without a subkey are served anonymously")
         }
+        let policy = assembly.reloader.status
+        if !policy.fileExists {
+            logger.warning(
+                "no quota policy file: no subkey is authorised until it exists (it is picked up when it appears)",
+                metadata: ["path": "\(policy.source)"]
+            )
+        } else {
+            logger.notice("quota policy loaded", metadata: ["source": "\(policy.source)", "subkeys": "\(policy.subkeys)"])
+        }
+        for warning in assembly.enforcer.policy.warnings {
+            logger.warning("quota policy: \(warning)")
+        }
         logger.info(
             "oai-to-circuit starting",
             metadata: [
                 "version": "\(BridgeVersion.current)", "circuit": "\(configuration.circuitBase)",
                 "token_url": "\(configuration.tokenURL)", "models": "\(configuration.models.joined(separator: ","))",
+                "database": "\(assembly.store.location)",
             ]
         )
     }
+}
+
+/// A start-up failure other than configuration (exit 1), with a message fit for the log.
+public struct StartupError: Error, CustomStringConvertible {
+    public var description: String
+    public init(_ description: String) { self.description = description }
 }

@@ -21,6 +21,11 @@ public final class BridgeMetrics: Sendable {
             .milliseconds(250), .milliseconds(500), .seconds(1), .milliseconds(2500), .seconds(5), .seconds(10),
             .seconds(30), .seconds(60), .seconds(120), .seconds(300),
         ]
+        // A ledger commit takes well under a millisecond when all is well.
+        factory.durationHistogramBuckets["oai_to_circuit_ledger_commit_duration_seconds"] = [
+            .microseconds(100), .microseconds(250), .microseconds(500), .milliseconds(1), .microseconds(2500),
+            .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(100), .seconds(1), .seconds(5),
+        ]
         self.factory = factory
         self.knownModels = Set(models)
         self.tokenRefreshes = CoreMetrics.Counter(label: "oai_to_circuit_token_refreshes_total", factory: factory)
@@ -54,6 +59,21 @@ public final class BridgeMetrics: Sendable {
             counter("oai_to_circuit_tokens_total", [("model", label), ("kind", "completion")])
                 .increment(by: usage.completionTokens)
         }
+    }
+
+    /// One ledger transaction holding `records` answered requests.
+    func ledgerCommitted(records: Int, duration: Duration) {
+        counter("oai_to_circuit_ledger_records_total", []).increment(by: records)
+        timer("oai_to_circuit_ledger_commit_duration_seconds", []).record(duration: duration)
+    }
+
+    func ledgerFailed() {
+        counter("oai_to_circuit_ledger_commit_failures_total", []).increment()
+    }
+
+    /// A request the policy refused (`model_not_allowed`, `quota_exceeded`, `unauthorized_subkey`).
+    func refused(code: String) {
+        counter("oai_to_circuit_refusals_total", [("code", code)]).increment()
     }
 
     private func counter(_ label: String, _ dimensions: [(String, String)]) -> CoreMetrics.Counter {

@@ -17,6 +17,10 @@ struct Harness {
     let tokens: FakeTokenEndpoint
     let circuit: FakeCircuit
     let bridge: Bridge
+    /// The quota enforcer, ledger writer, store and policy reloader behind `bridge`.
+    let assembly: BridgeServer.Assembly
+    /// A fresh directory for this harness (the ledger database lives here unless the test says otherwise).
+    let directory: URL
     let recorder: RecordingRecorder
     let logs: LogCapture
     let clock: ManualClock
@@ -30,14 +34,32 @@ struct Harness {
 
     static let subkey = "sk-team-member-0123456789"
 
-    /// The environment a test starts from; `overrides` replace it, and an empty value removes a variable.
-    static func environment(tokens: FakeTokenEndpoint, circuit: FakeCircuit, overrides: [String: String]) -> [String: String] {
+    /// The environment a test starts from; `overrides` replace it, and an empty value removes a variable. Unless
+    /// the test names a policy, `QUOTAS_JSON` authorises `Harness.subkey` without limits.
+    static func environment(
+        tokens: FakeTokenEndpoint,
+        circuit: FakeCircuit,
+        directory: URL,
+        overrides: [String: String]
+    ) -> [String: String] {
         var environment = [
             "CIRCUIT_CLIENT_ID": "client-id", "CIRCUIT_CLIENT_SECRET": "client-secret", "CIRCUIT_APPKEY": "test-appkey",
             "CIRCUIT_BASE": circuit.baseURL, "TOKEN_URL": tokens.url, "UPSTREAM_TIMEOUT_SECONDS": "5",
+            "QUOTA_DB_PATH": directory.appendingPathComponent("quota.db").path,
+            "QUOTAS_JSON_PATH": directory.appendingPathComponent("quotas.json").path,
         ]
+        if overrides["QUOTAS_JSON"] == nil, overrides["QUOTAS_JSON_PATH"] == nil {
+            environment["QUOTAS_JSON"] = #"{"\#(subkey)": {}}"#
+        }
         for (name, value) in overrides { environment[name] = value }
         return environment
+    }
+
+    /// A new empty directory under the system's temporary one.
+    static func temporaryDirectory() throws -> URL {
+        let url = FileManager.default.temporaryDirectory.appendingPathComponent("oai-to-circuit-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
+        return url
     }
 
     /// Runs `body` against a fresh bridge, and shuts everything down on every path.
@@ -47,9 +69,13 @@ struct Harness {
         circuitSettings: FakeCircuit.Settings = FakeCircuit.Settings(),
         tokenSettings: FakeTokenEndpoint.Settings = FakeTokenEndpoint.Settings(),
         trusting certificate: String? = nil,
+        directory given: URL? = nil,
+        policyPollInterval: Duration = .seconds(2),
         configure: (inout Bridge) -> Void = { _ in },
         _ body: (Harness) async throws -> Void
     ) async throws {
+        let directory = try given ?? temporaryDirectory()
+        defer { if given == nil { try? FileManager.default.removeItem(at: directory) } }
         let tokens = try await FakeTokenEndpoint.start(tokenSettings)
         let circuit = try await FakeCircuit.start(tokens: tokens, settings: circuitSettings)
         var clientConfiguration = HTTPClient.Configuration()
@@ -63,13 +89,14 @@ struct Harness {
         clientConfiguration.connectionPool.concurrentHTTP1ConnectionsPerHostSoftLimit = 128
         let client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: clientConfiguration)
         var upstream: HTTPClient?
+        var assembled: BridgeServer.Assembly?
         do {
             var defaultListener = BridgeConfiguration.Listener()
             defaultListener.host = "127.0.0.1"
             defaultListener.port = 0
             defaultListener.sslPort = 0
             let configuration = try BridgeConfiguration(
-                environment: environment(tokens: tokens, circuit: circuit, overrides: overrides),
+                environment: environment(tokens: tokens, circuit: circuit, directory: directory, overrides: overrides),
                 listener: listener ?? defaultListener
             )
             let logs = LogCapture()
@@ -77,18 +104,23 @@ struct Harness {
             let clock = ManualClock()
             let httpClient = BridgeServer.makeHTTPClient(configuration)
             upstream = httpClient
-            var bridge = BridgeServer.makeBridge(
+            let assembly = try await BridgeServer.assemble(
                 configuration: configuration,
                 httpClient: httpClient,
                 clock: clock.bridgeClock,
+                policyPollInterval: policyPollInterval,
                 logger: logger
             )
-            let recorder = RecordingRecorder()
+            assembled = assembly
+            var bridge = assembly.bridge
+            let recorder = RecordingRecorder(forwardingTo: bridge.recorder)
             bridge.recorder = recorder
             configure(&bridge)
             let (ports, portSource) = AsyncStream<(BridgeServer.Scheme, Int)>.makeStream()
             let services = try BridgeServer.listeners(for: bridge) { scheme, port in portSource.yield((scheme, port)) }
-            let group = ServiceGroup(configuration: .init(services: [services], gracefulShutdownSignals: [], logger: logger))
+            let group = ServiceGroup(
+                configuration: .init(services: [assembly.reloader, services], gracefulShutdownSignals: [], logger: logger)
+            )
             // If a listener cannot bind, the group ends: finishing the port stream then keeps the wait below from hanging.
             async let running: Void = {
                 defer { portSource.finish() }
@@ -107,6 +139,8 @@ struct Harness {
                 tokens: tokens,
                 circuit: circuit,
                 bridge: bridge,
+                assembly: assembly,
+                directory: directory,
                 recorder: recorder,
                 logs: logs,
                 clock: clock,
@@ -128,12 +162,14 @@ struct Harness {
             await group.triggerGracefulShutdown()
             try await running
         } catch {
+            await assembled?.close()
             try? await upstream?.shutdown()
             try? await client.shutdown()
             await circuit.stop()
             await tokens.stop()
             throw error
         }
+        await assembled?.close()
         try await upstream?.shutdown()
         await circuit.stop()
         await tokens.stop()
@@ -231,13 +267,24 @@ final class ManualClock: Sendable {
     func advance(by seconds: Double) { offset.withLockedValue { $0 += seconds } }
 }
 
-/// Keeps what the bridge would account, so tests can wait for a record instead of sleeping.
+/// Keeps what the bridge accounts (after the real recorder has committed it), so tests can wait for a record
+/// instead of sleeping.
 final class RecordingRecorder: UsageRecorder {
     let usage = Journal<UsageRecord>()
     let refusals = Journal<RefusalRecord>()
+    let next: (any UsageRecorder)?
 
-    func record(_ usage: UsageRecord) async { await self.usage.append(usage) }
-    func record(_ refusal: RefusalRecord) async { await refusals.append(refusal) }
+    init(forwardingTo next: (any UsageRecorder)? = nil) { self.next = next }
+
+    func record(_ usage: UsageRecord) async {
+        await next?.record(usage)
+        await self.usage.append(usage)
+    }
+
+    func record(_ refusal: RefusalRecord) async {
+        await next?.record(refusal)
+        await refusals.append(refusal)
+    }
 }
 
 /// Every log line at every level, rendered with its metadata, so tests can search them for secrets.

@@ -1,0 +1,328 @@
+import Foundation
+import GRDB
+
+/// The ledger in SQLite (`QUOTA_DB_PATH`), through GRDB: WAL with `synchronous=NORMAL`, so a commit is durable
+/// against a killed process and costs no fsync per transaction.
+///
+/// Tables: `usage` exactly as the earlier bridge wrote it (lifetime totals; its files are used in place);
+/// `usage_period` (daily and monthly totals per key id); `request_log` (one row per answered request, kept
+/// `USAGE_LOG_RETENTION_DAYS`). The earlier bridge's `monthly_usage`, `subkey_names` and `key_lifecycle` are read,
+/// never written. Outside `usage` a policy-file key appears only hashed.
+public final class SQLiteLedger: LedgerStore {
+    public let location: String
+    private let database: DatabaseQueue
+
+    private init(location: String, database: DatabaseQueue) {
+        self.location = location
+        self.database = database
+    }
+
+    /// Opens (creating if needed) and migrates the database. `readOnly` opens an existing file for reports
+    /// without changing it.
+    public static func open(path: String, readOnly: Bool = false) throws -> SQLiteLedger {
+        var configuration = Configuration()
+        configuration.label = "ledger"
+        configuration.busyMode = .timeout(5)
+        if readOnly {
+            configuration.readonly = true
+        } else {
+            configuration.journalMode = .wal
+            configuration.prepareDatabase { db in try db.execute(sql: "PRAGMA synchronous = NORMAL") }
+        }
+        let database = try DatabaseQueue(path: path, configuration: configuration)
+        if !readOnly { try migrator.migrate(database) }
+        return SQLiteLedger(location: path, database: database)
+    }
+
+    /// Versioned migrations; each runs once per file, recorded in `grdb_migrations`.
+    static var migrator: DatabaseMigrator {
+        var migrator = DatabaseMigrator()
+        migrator.registerMigration("1 usage, periods and request log") { db in
+            try db.execute(
+                sql: """
+                    CREATE TABLE IF NOT EXISTS usage (subkey TEXT NOT NULL, model TEXT NOT NULL,
+                      requests INTEGER NOT NULL DEFAULT 0, prompt_tokens INTEGER NOT NULL DEFAULT 0,
+                      completion_tokens INTEGER NOT NULL DEFAULT 0, total_tokens INTEGER NOT NULL DEFAULT 0,
+                      PRIMARY KEY (subkey, model));
+                    CREATE TABLE usage_period (
+                      key_id TEXT NOT NULL, model TEXT NOT NULL,
+                      period TEXT NOT NULL CHECK (period IN ('daily', 'monthly')),
+                      period_start TEXT NOT NULL,
+                      requests INTEGER NOT NULL DEFAULT 0, prompt_tokens INTEGER NOT NULL DEFAULT 0,
+                      completion_tokens INTEGER NOT NULL DEFAULT 0, total_tokens INTEGER NOT NULL DEFAULT 0,
+                      PRIMARY KEY (period, period_start, key_id, model)) WITHOUT ROWID;
+                    CREATE TABLE request_log (
+                      id INTEGER PRIMARY KEY,
+                      finished_at REAL NOT NULL, request_id TEXT NOT NULL,
+                      key_id TEXT NOT NULL, subkey_hash TEXT NOT NULL, friendly_name TEXT, email TEXT,
+                      model TEXT NOT NULL, status_code INTEGER NOT NULL,
+                      prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, total_tokens INTEGER NOT NULL,
+                      is_streaming INTEGER NOT NULL, latency_ms REAL NOT NULL, client_disconnected INTEGER NOT NULL,
+                      client_ip TEXT NOT NULL, x_forwarded_for TEXT NOT NULL);
+                    CREATE INDEX request_log_finished_at ON request_log (finished_at);
+                    """
+            )
+            // The earlier bridge's monthly totals carry on as this bridge's monthly counters, under hashed keys.
+            if try db.tableExists("monthly_usage") {
+                let rows = try Row.fetchAll(
+                    db,
+                    sql: """
+                        SELECT subkey, model, usage_month, requests, prompt_tokens, completion_tokens, total_tokens
+                        FROM monthly_usage
+                        """
+                )
+                for row in rows {
+                    guard let subkey: String = row["subkey"], let model: String = row["model"],
+                        let month: String = row["usage_month"]
+                    else { continue }
+                    try db.execute(
+                        sql: """
+                            INSERT INTO usage_period (key_id, model, period, period_start, requests, prompt_tokens,
+                              completion_tokens, total_tokens) VALUES (?, ?, 'monthly', ?, ?, ?, ?, ?)
+                            ON CONFLICT DO UPDATE SET requests = requests + excluded.requests,
+                              prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+                              completion_tokens = completion_tokens + excluded.completion_tokens,
+                              total_tokens = total_tokens + excluded.total_tokens
+                            """,
+                        arguments: [
+                            LedgerKeys.keyID(forLedgerKey: subkey), model, month,
+                            row["requests"] as Int64? ?? 0, row["prompt_tokens"] as Int64? ?? 0,
+                            row["completion_tokens"] as Int64? ?? 0, row["total_tokens"] as Int64? ?? 0,
+                        ]
+                    )
+                }
+            }
+        }
+        return migrator
+    }
+
+    public func snapshot(day: String, month: String) async throws -> LedgerSnapshot {
+        try await database.read { db in
+            var snapshot = LedgerSnapshot()
+            guard try db.tableExists("usage") else { return snapshot }
+            for row in try Row.fetchAll(
+                db,
+                sql: "SELECT subkey, model, requests, prompt_tokens, completion_tokens, total_tokens FROM usage"
+            ) {
+                snapshot.lifetime.append(.init(key: row["subkey"], model: row["model"], tally: Self.tally(row)))
+            }
+            guard try db.tableExists("usage_period") else { return snapshot }
+            let sql = """
+                SELECT key_id, model, requests, prompt_tokens, completion_tokens, total_tokens
+                FROM usage_period WHERE period = ? AND period_start = ?
+                """
+            for row in try Row.fetchAll(db, sql: sql, arguments: ["daily", day]) {
+                snapshot.daily.append(.init(key: row["key_id"], model: row["model"], tally: Self.tally(row)))
+            }
+            for row in try Row.fetchAll(db, sql: sql, arguments: ["monthly", month]) {
+                snapshot.monthly.append(.init(key: row["key_id"], model: row["model"], tally: Self.tally(row)))
+            }
+            return snapshot
+        }
+    }
+
+    private static func tally(_ row: Row) -> Tally {
+        Tally(
+            requests: row["requests"] ?? 0,
+            promptTokens: row["prompt_tokens"] ?? 0,
+            completionTokens: row["completion_tokens"] ?? 0,
+            totalTokens: row["total_tokens"] ?? 0
+        )
+    }
+
+    public func directory() async throws -> KeyDirectory {
+        try await database.read { db in
+            var directory = KeyDirectory()
+            if try db.tableExists("subkey_names") {
+                let hasEmail = try db.columns(in: "subkey_names").contains { $0.name == "email" }
+                let sql = "SELECT subkey, friendly_name\(hasEmail ? ", email" : "") FROM subkey_names"
+                for row in try Row.fetchAll(db, sql: sql) {
+                    guard let subkey: String = row["subkey"] else { continue }
+                    var entry = KeyDirectory.Entry()
+                    entry.friendlyName = Self.nonEmpty(row["friendly_name"])
+                    if hasEmail { entry.email = Self.nonEmpty(row["email"]) }
+                    directory.entries[SubkeyDigest(subkey)] = entry
+                }
+            }
+            if try db.tableExists("key_lifecycle") {
+                for row in try Row.fetchAll(db, sql: "SELECT subkey, status FROM key_lifecycle") {
+                    guard let subkey: String = row["subkey"] else { continue }
+                    directory.entries[SubkeyDigest(subkey), default: KeyDirectory.Entry()].status = row["status"]
+                }
+            }
+            return directory
+        }
+    }
+
+    private static func nonEmpty(_ text: String?) -> String? {
+        guard let text, !text.trimmingCharacters(in: .whitespaces).isEmpty else { return nil }
+        return text
+    }
+
+    public func commit(_ entries: [LedgerEntry], purgingLogBefore cutoff: Double?, purgeLimit: Int) async throws -> Int {
+        // Not cancellable on purpose: the batch holds other requests' records, and the task that happens to write it
+        // may be cancelled (its client left). GRDB's async `write` would interrupt the transaction in that case.
+        try await withCheckedThrowingContinuation { continuation in
+            database.asyncWrite(
+                { db in try Self.write(entries, purgingLogBefore: cutoff, purgeLimit: purgeLimit, db) },
+                completion: { _, result in continuation.resume(with: result) }
+            )
+        }
+    }
+
+    private static func write(
+        _ entries: [LedgerEntry],
+        purgingLogBefore cutoff: Double?,
+        purgeLimit: Int,
+        _ db: Database
+    ) throws -> Int {
+        // Requests of one key and model in one batch share one upsert per row.
+        struct LifetimeKey: Hashable {
+            var ledgerKey: String
+            var model: String
+        }
+        struct PeriodKey: Hashable {
+            var keyID: String
+            var model: String
+            var period: String
+            var start: String
+        }
+        var lifetime: [LifetimeKey: Tally] = [:]
+        var periods: [PeriodKey: Tally] = [:]
+        for entry in entries {
+            var tally = Tally(requests: 1)
+            tally.add(entry.usage)
+            lifetime[LifetimeKey(ledgerKey: entry.ledgerKey, model: entry.model), default: Tally()].add(tally)
+            periods[PeriodKey(keyID: entry.keyID, model: entry.model, period: "daily", start: entry.day), default: Tally()]
+                .add(tally)
+            periods[PeriodKey(keyID: entry.keyID, model: entry.model, period: "monthly", start: entry.month), default: Tally()]
+                .add(tally)
+        }
+        let usage = try db.cachedStatement(
+            sql: """
+                INSERT INTO usage (subkey, model, requests, prompt_tokens, completion_tokens, total_tokens)
+                VALUES (?, ?, ?, ?, ?, ?)
+                ON CONFLICT (subkey, model) DO UPDATE SET requests = requests + excluded.requests,
+                  prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+                  completion_tokens = completion_tokens + excluded.completion_tokens,
+                  total_tokens = total_tokens + excluded.total_tokens
+                """
+        )
+        for (key, tally) in lifetime {
+            try usage.execute(arguments: [
+                key.ledgerKey, key.model, tally.requests, tally.promptTokens, tally.completionTokens, tally.totalTokens,
+            ])
+        }
+        let period = try db.cachedStatement(
+            sql: """
+                INSERT INTO usage_period (key_id, model, period, period_start, requests, prompt_tokens,
+                  completion_tokens, total_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                ON CONFLICT DO UPDATE SET requests = requests + excluded.requests,
+                  prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+                  completion_tokens = completion_tokens + excluded.completion_tokens,
+                  total_tokens = total_tokens + excluded.total_tokens
+                """
+        )
+        for (key, tally) in periods {
+            try period.execute(arguments: [
+                key.keyID, key.model, key.period, key.start, tally.requests, tally.promptTokens,
+                tally.completionTokens, tally.totalTokens,
+            ])
+        }
+        let log = try db.cachedStatement(
+            sql: """
+                INSERT INTO request_log (finished_at, request_id, key_id, subkey_hash, friendly_name, email, model,
+                  status_code, prompt_tokens, completion_tokens, total_tokens, is_streaming, latency_ms,
+                  client_disconnected, client_ip, x_forwarded_for)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                """
+        )
+        for entry in entries {
+            try log.execute(arguments: [
+                entry.finishedAt, entry.requestID, entry.keyID, entry.subkeyHash, entry.friendlyName, entry.email,
+                entry.model, entry.statusCode, entry.usage.promptTokens, entry.usage.completionTokens,
+                entry.usage.totalTokens, entry.isStreaming, entry.latencySeconds * 1000, entry.clientDisconnected,
+                entry.clientAddress, entry.forwardedFor,
+            ])
+        }
+        guard let cutoff else { return 0 }
+        try db.execute(
+            sql: """
+                DELETE FROM request_log WHERE id IN
+                  (SELECT id FROM request_log WHERE finished_at < ? ORDER BY finished_at LIMIT ?)
+                """,
+            arguments: [cutoff, purgeLimit]
+        )
+        return db.changesCount
+    }
+
+    public func report(_ query: UsageQuery) async throws -> [UsageReportRow] {
+        try await database.read { db in
+            var rows: [UsageReportRow] = []
+            let byPeriod = query.since != nil || query.until != nil || query.grouping == .day || query.grouping == .month
+            if !byPeriod {
+                guard try db.tableExists("usage") else { return [] }
+                var sql = "SELECT subkey, model, requests, prompt_tokens, completion_tokens, total_tokens FROM usage"
+                var arguments: StatementArguments = []
+                if let model = query.model {
+                    sql += " WHERE model = ?"
+                    arguments += [model]
+                }
+                for row in try Row.fetchAll(db, sql: sql, arguments: arguments) {
+                    let keyID = LedgerKeys.keyID(forLedgerKey: row["subkey"])
+                    if let keep = query.keyIDs, !keep.contains(keyID) { continue }
+                    rows.append(UsageReportRow(keyID: keyID, model: row["model"], period: nil, tally: Self.tally(row)))
+                }
+                return rows
+            }
+            guard try db.tableExists("usage_period") else { return [] }
+            // Dates select daily rows; a month report without dates reads the monthly rows, which also hold the
+            // earlier bridge's history.
+            let useMonthly = query.grouping == .month && query.since == nil && query.until == nil
+            var sql = """
+                SELECT key_id, model, period_start, requests, prompt_tokens, completion_tokens, total_tokens
+                FROM usage_period WHERE period = ?
+                """
+            var arguments: StatementArguments = [useMonthly ? "monthly" : "daily"]
+            if let since = query.since {
+                sql += " AND period_start >= ?"
+                arguments += [PeriodCalendar.dayString(since)]
+            }
+            if let until = query.until {
+                sql += " AND period_start <= ?"
+                arguments += [PeriodCalendar.dayString(until)]
+            }
+            if let model = query.model {
+                sql += " AND model = ?"
+                arguments += [model]
+            }
+            for row in try Row.fetchAll(db, sql: sql, arguments: arguments) {
+                let keyID: String = row["key_id"]
+                if let keep = query.keyIDs, !keep.contains(keyID) { continue }
+                rows.append(
+                    UsageReportRow(keyID: keyID, model: row["model"], period: row["period_start"], tally: Self.tally(row))
+                )
+            }
+            return rows
+        }
+    }
+
+    /// Every `usage.subkey` value: `usage report --subkey` and `quotas check --db` match keys by value or hash.
+    public func ledgerKeys() async throws -> [String] {
+        try await database.read { db in
+            guard try db.tableExists("usage") else { return [] }
+            return try String.fetchAll(db, sql: "SELECT DISTINCT subkey FROM usage")
+        }
+    }
+
+    /// Rows of the request log, oldest first (for tests now; for `hec replay` later).
+    public func requestLog(since: Double = 0) async throws -> [Row] {
+        try await database.read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM request_log WHERE finished_at >= ? ORDER BY id", arguments: [since])
+        }
+    }
+
+    public func close() async throws {
+        try database.close()
+    }
+}

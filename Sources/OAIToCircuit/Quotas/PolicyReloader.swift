@@ -1,0 +1,137 @@
+import Logging
+import ServiceLifecycle
+import Synchronization
+import UnixSignals
+
+/// Reloads the quota policy on SIGHUP and when its file changes (checked every `pollInterval`), swapping the new
+/// one in at once. A policy that does not parse or validate leaves the old one in force; the error is logged and
+/// shown in `/health` until a good one loads. SIGHUP also re-reads the earlier bridge's key names and states.
+public final class PolicyReloader: Service, Sendable {
+    public struct Status: Sendable {
+        public var source: String
+        public var subkeys: Int
+        /// When the policy in force was loaded, seconds since 1970.
+        public var loadedAt: Double
+        /// Why the latest attempt was rejected; `nil` once a policy loads.
+        public var error: String?
+        /// Whether the policy file exists (a missing file is an empty policy).
+        public var fileExists: Bool
+    }
+
+    /// What one reload attempt did, for tests and logs.
+    public enum Outcome: Sendable, Equatable {
+        case loaded(subkeys: Int)
+        case rejected(String)
+    }
+
+    let source: PolicySource
+    let enforcer: QuotaEnforcer
+    let store: (any LedgerStore)?
+    let pollInterval: Duration
+    let clock: BridgeClock
+    let logger: Logger
+    private let state: Mutex<(status: Status, stamp: FileStamp?)>
+    /// Every attempt's outcome, newest kept if nobody listens.
+    public let outcomes: AsyncStream<Outcome>
+    private let outcomeSink: AsyncStream<Outcome>.Continuation
+
+    /// `enforcer` already holds the policy loaded at start.
+    public init(
+        source: PolicySource,
+        enforcer: QuotaEnforcer,
+        store: (any LedgerStore)?,
+        pollInterval: Duration = .seconds(2),
+        clock: BridgeClock,
+        logger: Logger
+    ) {
+        self.source = source
+        self.enforcer = enforcer
+        self.store = store
+        self.pollInterval = pollInterval
+        self.clock = clock
+        self.logger = logger
+        let status = Status(
+            source: source.description,
+            subkeys: enforcer.subjectCount,
+            loadedAt: clock.now(),
+            error: nil,
+            fileExists: source.exists
+        )
+        self.state = Mutex((status, source.stamp))
+        (self.outcomes, self.outcomeSink) = AsyncStream.makeStream(bufferingPolicy: .bufferingNewest(16))
+    }
+
+    public var status: Status { state.withLock { $0.status } }
+
+    public func run() async throws {
+        let hangUps = await UnixSignalsSequence(trapping: .sighup)
+        await withDiscardingTaskGroup { group in
+            group.addTask {
+                for await _ in hangUps {
+                    await self.reload(trigger: "SIGHUP")
+                }
+            }
+            if case .file = source {
+                group.addTask {
+                    while !Task.isCancelled {
+                        try? await Task.sleep(for: self.pollInterval)
+                        if !Task.isCancelled { await self.reloadIfChanged() }
+                    }
+                }
+            }
+            try? await gracefulShutdown()
+            group.cancelAll()
+        }
+        outcomeSink.finish()
+    }
+
+    /// Reloads when the policy file's identity, size or modification time changed since the last attempt.
+    public func reloadIfChanged() async {
+        let stamp = source.stamp
+        let changed = state.withLock { $0.stamp != stamp }
+        if changed { await reload(trigger: "file changed") }
+    }
+
+    /// Reads the policy again (and, on SIGHUP, the key names and states) and swaps it in if it is valid.
+    public func reload(trigger: String) async {
+        let stamp = source.stamp
+        let outcome: Outcome
+        do {
+            let policy = try source.load()
+            enforcer.replace(policy: policy)
+            state.withLock { state in
+                state.stamp = stamp
+                state.status.subkeys = policy.subjects.count
+                state.status.loadedAt = clock.now()
+                state.status.error = nil
+                state.status.fileExists = source.exists
+            }
+            logger.notice(
+                "quota policy loaded",
+                metadata: ["source": "\(source)", "subkeys": "\(policy.subjects.count)", "trigger": "\(trigger)"]
+            )
+            for warning in policy.warnings {
+                logger.warning("quota policy: \(warning)")
+            }
+            outcome = .loaded(subkeys: policy.subjects.count)
+        } catch {
+            state.withLock { state in
+                state.stamp = stamp
+                state.status.error = error.message
+            }
+            logger.error(
+                "quota policy rejected; the previous policy stays in force",
+                metadata: ["source": "\(source)", "error": "\(error.message)", "trigger": "\(trigger)"]
+            )
+            outcome = .rejected(error.message)
+        }
+        if trigger == "SIGHUP", let store {
+            do {
+                enforcer.replace(directory: try await store.directory())
+            } catch {
+                logger.error("could not re-read key names and states", metadata: ["error": "\(LedgerWriter.describe(error))"])
+            }
+        }
+        outcomeSink.yield(outcome)
+    }
+}

@@ -1,0 +1,231 @@
+import Synchronization
+
+/// Subkey authorisation and quota enforcement (contract 4.2 step 1, 5.1, 5.2), entirely in memory: the policy,
+/// the earlier bridge's key states, and a counter per (key, model) holding lifetime, today's and this month's
+/// tallies. The ledger loads the counters at start and the recorder keeps them in step with every answer.
+///
+/// One lock guards it all, so a reservation is atomic: N concurrent requests against a remaining allowance of K
+/// admit exactly K. Nothing here blocks or awaits.
+public final class QuotaEnforcer: SubkeyAuthorizer, AdmissionPolicy {
+    struct CounterKey: Hashable {
+        var keyID: String
+        var model: String
+    }
+
+    struct Counter {
+        var lifetime = Tally()
+        var day: Int
+        var daily = Tally()
+        var month: Int
+        var monthly = Tally()
+        /// The resolved limits, valid while `generation` is the policy's.
+        var limits: QuotaLimits?
+        var generation = -1
+
+        init(day: Int, month: Int) {
+            self.day = day
+            self.month = month
+        }
+
+        /// Starts the daily and monthly tallies again when their period has passed.
+        mutating func roll(day: Int, month: Int) {
+            if day != self.day {
+                self.day = day
+                daily = Tally()
+            }
+            if month != self.month {
+                self.month = month
+                monthly = Tally()
+            }
+        }
+
+        func tally(_ period: QuotaPeriod) -> Tally {
+            switch period {
+            case .lifetime: lifetime
+            case .daily: daily
+            case .monthly: monthly
+            }
+        }
+
+        var isEmpty: Bool { lifetime.isZero && daily.isZero && monthly.isZero }
+    }
+
+    struct State {
+        var policy: QuotaPolicy
+        var generation = 0
+        var directory = KeyDirectory()
+        var counters: [CounterKey: Counter] = [:]
+    }
+
+    private let state: Mutex<State>
+    private let clock: BridgeClock
+
+    public init(policy: QuotaPolicy, directory: KeyDirectory = KeyDirectory(), clock: BridgeClock) {
+        self.state = Mutex(State(policy: policy, directory: directory))
+        self.clock = clock
+    }
+
+    public var policy: QuotaPolicy { state.withLock { $0.policy } }
+
+    /// Swaps the policy in at once; requests admitted from now on see only the new one.
+    public func replace(policy: QuotaPolicy) {
+        state.withLock { state in
+            state.policy = policy
+            state.generation += 1
+        }
+    }
+
+    public func replace(directory: KeyDirectory) {
+        state.withLock { $0.directory = directory }
+    }
+
+    /// Sets the counters from the ledger (at start, before any request).
+    public func load(_ snapshot: LedgerSnapshot) {
+        let now = clock.now()
+        let day = PeriodCalendar.day(now)
+        let month = PeriodCalendar.month(ofDay: day)
+        state.withLock { state in
+            for row in snapshot.lifetime {
+                let key = CounterKey(keyID: LedgerKeys.keyID(forLedgerKey: row.key), model: row.model)
+                // Several `usage.subkey` values never map to one id, but adding keeps this total if one day they do.
+                state.counters[key, default: Counter(day: day, month: month)].lifetime.add(row.tally)
+            }
+            for row in snapshot.daily {
+                state.counters[CounterKey(keyID: row.key, model: row.model), default: Counter(day: day, month: month)]
+                    .daily.add(row.tally)
+            }
+            for row in snapshot.monthly {
+                state.counters[CounterKey(keyID: row.key, model: row.model), default: Counter(day: day, month: month)]
+                    .monthly.add(row.tally)
+            }
+        }
+    }
+
+    // MARK: SubkeyAuthorizer
+
+    public func authorize(subkey: String?) async throws(BridgeError) -> Caller {
+        try authorizeNow(subkey: subkey)
+    }
+
+    func authorizeNow(subkey: String?) throws(BridgeError) -> Caller {
+        guard let subkey else { return .anonymous }
+        let digest = SubkeyDigest(subkey)
+        return try state.withLock { (state) throws(BridgeError) -> Caller in
+            guard state.policy.subjects[digest] != nil else { throw .unauthorizedSubkey }
+            let entry = state.directory.entries[digest]
+            if entry?.isRefused == true { throw .unauthorizedSubkey }
+            return Caller(
+                subkey: subkey,
+                keyID: digest.keyID,
+                ledgerKey: subkey,
+                friendlyName: entry?.friendlyName,
+                email: entry?.email
+            )
+        }
+    }
+
+    // MARK: AdmissionPolicy
+
+    public func admit(_ caller: Caller, model: String) async throws(BridgeError) -> Admission {
+        try admitNow(caller, model: model)
+    }
+
+    func admitNow(_ caller: Caller, model: String) throws(BridgeError) -> Admission {
+        let now = clock.now()
+        let day = PeriodCalendar.day(now)
+        let month = PeriodCalendar.month(ofDay: day)
+        let key = CounterKey(keyID: caller.keyID, model: model)
+        try state.withLock { (state) throws(BridgeError) in
+            let existing = state.counters[key]
+            var counter = existing ?? Counter(day: day, month: month)
+            counter.roll(day: day, month: month)
+            if let digest = caller.digest {
+                let limits: QuotaLimits
+                if counter.generation == state.generation, let cached = counter.limits {
+                    limits = cached
+                } else {
+                    // The policy may have been reloaded since the caller was authorised.
+                    guard let subject = state.policy.subjects[digest] else { throw .unauthorizedSubkey }
+                    limits = subject.limits(for: model)
+                    counter.limits = limits
+                    counter.generation = state.generation
+                }
+                if limits.isBlocked {
+                    // A refused request leaves no new counter behind, so hostile model names cannot grow the table.
+                    if existing != nil { state.counters[key] = counter }
+                    throw .modelNotAllowed(model)
+                }
+                let used = counter.tally(limits.period)
+                let requestsUsedUp = limits.requests.map { used.requests >= $0 } ?? false
+                let tokensUsedUp = limits.totalTokens.map { used.totalTokens >= $0 } ?? false
+                if requestsUsedUp || tokensUsedUp {
+                    if existing != nil { state.counters[key] = counter }
+                    throw .quotaExceeded(
+                        requestsUsedUp ? "requests" : "tokens",
+                        retryAfter: Self.retryAfter(limits.period, now: now)
+                    )
+                }
+            }
+            counter.lifetime.requests += 1
+            counter.daily.requests += 1
+            counter.monthly.requests += 1
+            state.counters[key] = counter
+        }
+        return Admission(caller: caller, model: model, admittedAt: now)
+    }
+
+    /// Whole seconds until a periodic limit starts again (at least 1); `nil` for lifetime limits.
+    static func retryAfter(_ period: QuotaPeriod, now: Double) -> Int? {
+        guard let end = PeriodCalendar.end(of: period, at: now) else { return nil }
+        return max(1, Int((end - now).rounded(.up)))
+    }
+
+    public func release(_ admission: Admission) async {
+        let day = PeriodCalendar.day(admission.admittedAt)
+        let month = PeriodCalendar.month(ofDay: day)
+        let key = CounterKey(keyID: admission.caller.keyID, model: admission.model)
+        state.withLock { state in
+            guard var counter = state.counters[key] else { return }
+            counter.lifetime.requests -= 1
+            if counter.day == day { counter.daily.requests -= 1 }
+            if counter.month == month { counter.monthly.requests -= 1 }
+            state.counters[key] = counter.isEmpty ? nil : counter
+        }
+    }
+
+    public func allows(_ caller: Caller, model: String) async -> Bool {
+        guard let digest = caller.digest else { return true }
+        return state.withLock { state in
+            guard let subject = state.policy.subjects[digest] else { return false }
+            return !subject.limits(for: model).isBlocked
+        }
+    }
+
+    /// Charges an answered request's tokens to the day and month it was admitted in (its request was counted at
+    /// admission).
+    public func charge(_ admission: Admission, usage: Usage) {
+        let day = PeriodCalendar.day(admission.admittedAt)
+        let month = PeriodCalendar.month(ofDay: day)
+        let key = CounterKey(keyID: admission.caller.keyID, model: admission.model)
+        state.withLock { state in
+            var counter = state.counters[key] ?? Counter(day: day, month: month)
+            counter.lifetime.add(usage)
+            if counter.day == day { counter.daily.add(usage) }
+            if counter.month == month { counter.monthly.add(usage) }
+            state.counters[key] = counter
+        }
+    }
+
+    /// The counter of a key and model as of now (for `/health`-style views and tests).
+    public func tally(keyID: String, model: String, period: QuotaPeriod) -> Tally {
+        let day = PeriodCalendar.day(clock.now())
+        let month = PeriodCalendar.month(ofDay: day)
+        return state.withLock { state in
+            guard var counter = state.counters[CounterKey(keyID: keyID, model: model)] else { return Tally() }
+            counter.roll(day: day, month: month)
+            return counter.tally(period)
+        }
+    }
+
+    public var subjectCount: Int { state.withLock { $0.policy.subjects.count } }
+}
