@@ -23,7 +23,16 @@ import Testing
         )
         #expect(policy.subjects.count == 2)
         #expect(try limits(policy, "team_member_alice", "claude-3-opus").isBlocked)
-        #expect(try limits(policy, "team_member_alice", "gpt-4o") == QuotaLimits(requests: 10, totalTokens: 50000, period: .lifetime, requestsPattern: "gpt-4o", totalTokensPattern: "gpt-4o"))
+        #expect(
+            try limits(policy, "team_member_alice", "gpt-4o")
+                == QuotaLimits(
+                    requests: 10,
+                    totalTokens: 50000,
+                    period: .lifetime,
+                    requestsPattern: "gpt-4o",
+                    totalTokensPattern: "gpt-4o"
+                )
+        )
         let other = try limits(policy, "team_member_alice", "o3")
         #expect(other.requests == 100 && other.totalTokens == 500000 && other.period == .lifetime)
         #expect(try limits(policy, "bob", "gpt-4o").isUnlimited)
@@ -46,7 +55,9 @@ import Testing
     }
 
     @Test func zeroOrNegativeLimitsBlock() throws {
-        let policy = try parse(#"{"k": {"a": {"requests": 0}, "b": {"requests": -1}, "c": {"total_tokens": 0}, "d": {"requests": 1}}}"#)
+        let policy = try parse(
+            #"{"k": {"a": {"requests": 0}, "b": {"requests": -1}, "c": {"total_tokens": 0}, "d": {"requests": 1}}}"#
+        )
         #expect(try limits(policy, "k", "a").isBlocked)
         #expect(try limits(policy, "k", "b").isBlocked)
         #expect(try limits(policy, "k", "c").isBlocked)
@@ -153,16 +164,40 @@ import Testing
         (#"[]"#, "quotas.json: must be a JSON object, not an array"),
         (#"{"k": "#, "quotas.json: not valid JSON"),
         (#"{"k": []}"#, "quotas.json: subkey entry #1 (KEY) must be an object of model rules, not an array"),
-        (#"{"k": {"gpt-4o": 5}}"#, #"quotas.json: subkey entry #1 (KEY) → 'gpt-4o' must be an object like {"requests": 100}, not a number"#),
-        (#"{"k": {"gpt-4o": {"requests": "10"}}}"#, "quotas.json: subkey entry #1 (KEY) → 'gpt-4o' → requests must be a whole number or null, not a string"),
-        (#"{"k": {"gpt-4o": {"total_tokens": 1.5}}}"#, "quotas.json: subkey entry #1 (KEY) → 'gpt-4o' → total_tokens must be a whole number or null, not a number"),
-        (#"{"k": {"*": {"period": "weekly"}}}"#, #"quotas.json: subkey entry #1 (KEY) → '*' → period must be "lifetime", "daily" or "monthly", not "weekly""#),
-        (#"{"k": {"re:gpt-(": {}}}"#, "quotas.json: subkey entry #1 (KEY): model pattern 're:gpt-(' is not a valid regular expression"),
-        (#"{"_users": {"k": {"template": "gold"}}}"#, "quotas.json: subkey entry #1 (KEY) → template 'gold' is not defined in _templates"),
+        (
+            #"{"k": {"gpt-4o": 5}}"#,
+            #"quotas.json: subkey entry #1 (KEY) → 'gpt-4o' must be an object like {"requests": 100}, not a number"#
+        ),
+        (
+            #"{"k": {"gpt-4o": {"requests": "10"}}}"#,
+            "quotas.json: subkey entry #1 (KEY) → 'gpt-4o' → requests must be a whole number or null, not a string"
+        ),
+        (
+            #"{"k": {"gpt-4o": {"total_tokens": 1.5}}}"#,
+            "quotas.json: subkey entry #1 (KEY) → 'gpt-4o' → total_tokens must be a whole number or null, not a number"
+        ),
+        (
+            #"{"k": {"*": {"period": "weekly"}}}"#,
+            #"quotas.json: subkey entry #1 (KEY) → '*' → period must be "lifetime", "daily" or "monthly", not "weekly""#
+        ),
+        (
+            #"{"k": {"re:gpt-(": {}}}"#,
+            "quotas.json: subkey entry #1 (KEY): model pattern 're:gpt-(' is not a valid regular expression"
+        ),
+        (
+            #"{"_users": {"k": {"template": "gold"}}}"#,
+            "quotas.json: subkey entry #1 (KEY) → template 'gold' is not defined in _templates"
+        ),
         (#"{"k": {}, "k": {}}"#, "quotas.json: subkey entry #1 (KEY) appears twice"),
         (#"{"k": {"a": {}, "a": {}}}"#, "quotas.json: subkey entry #1 (KEY) → 'a' appears twice"),
-        (#"{"_global": {"*": {"requests": true}}}"#, "quotas.json: _global → '*' → requests must be a whole number or null, not a boolean"),
-        (#"{"_templates": {"t": {"rules": []}}}"#, "quotas.json: _templates → 't' → rules must be an object of model rules, not an array"),
+        (
+            #"{"_global": {"*": {"requests": true}}}"#,
+            "quotas.json: _global → '*' → requests must be a whole number or null, not a boolean"
+        ),
+        (
+            #"{"_templates": {"t": {"rules": []}}}"#,
+            "quotas.json: _templates → 't' → rules must be an object of model rules, not an array"
+        ),
         (#"{"_users": []}"#, "quotas.json: _users must be an object of subkeys, not an array"),
         (#"{"": {}}"#, "quotas.json: a subkey entry has an empty key"),
     ])

@@ -167,7 +167,9 @@ struct UsageCommand: AsyncParsableCommand {
             var query = UsageQuery(grouping: grouping)
             query.model = model
             if let since {
-                guard let day = PeriodCalendar.day(parsing: since) ?? PeriodCalendar.month(parsing: since).map(PeriodCalendar.firstDay)
+                guard
+                    let day = PeriodCalendar.day(parsing: since)
+                        ?? PeriodCalendar.month(parsing: since).map(PeriodCalendar.firstDay)
                 else { throw ValidationError("--since must be YYYY-MM-DD or YYYY-MM") }
                 query.since = day
             }

@@ -59,6 +59,9 @@ public final class LedgerWriter: Sendable {
 
     public var health: Health { state.withLock { $0.health } }
 
+    /// Records waiting for the transaction under way to end.
+    var queued: Int { state.withLock { $0.pending.count } }
+
     /// Returns when `entry` is committed (or its transaction failed and it is kept for the next one).
     public func commit(_ entry: LedgerEntry) async {
         let turn = await withCheckedContinuation { (continuation: CheckedContinuation<Turn, Never>) in

@@ -37,7 +37,9 @@ public struct UsageReport: Sendable {
         var lines = totals.map { Line(group: $0.key, name: grouping == .subkey ? names[$0.key] : nil, tally: $0.value) }
         switch grouping {
         case .subkey, .model:
-            lines.sort { ($0.tally.totalTokens, $0.tally.requests, $1.group) > ($1.tally.totalTokens, $1.tally.requests, $0.group) }
+            lines.sort {
+                ($0.tally.totalTokens, $0.tally.requests, $1.group) > ($1.tally.totalTokens, $1.tally.requests, $0.group)
+            }
         case .day, .month:
             lines.sort { $0.group < $1.group }
         }
@@ -87,7 +89,8 @@ public struct UsageReport: Sendable {
 
     private func csv() -> String {
         let named = grouping == .subkey
-        var out = ([groupHeader] + (named ? ["name"] : []) + ["requests", "prompt_tokens", "completion_tokens", "total_tokens"])
+        var out =
+            ([groupHeader] + (named ? ["name"] : []) + ["requests", "prompt_tokens", "completion_tokens", "total_tokens"])
             .joined(separator: ",") + "\n"
         for line in lines {
             let cells = [Self.csvField(line.group)] + (named ? [Self.csvField(line.name ?? "")] : []) + numbers(line.tally)

@@ -1,0 +1,266 @@
+import AsyncHTTPClient
+import CircuitFakes
+import Foundation
+import GRDB
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import Testing
+
+@testable import OAIToCircuit
+
+/// Section 5.3: the ledger's rows, its durability, the earlier bridge's files used in place, group commit, and a
+/// failing database.
+@Suite(.timeLimit(.minutes(1))) struct LedgerTests {
+    @Test func everyAnswerIsInTheLedgerBeforeTheClientHasItsLastByte() async throws {
+        try await Harness.with { harness async throws in
+            let answer = try await harness.chat(
+                Harness.chatBody(),
+                headers: [("X-Request-ID", "req-1"), ("X-Forwarded-For", "203.0.113.9, 10.0.0.1")]
+            )
+            #expect(answer.status == 200)
+            // Read at once, from another connection: the commit happened before the answer ended.
+            #expect(
+                try TestDatabase.usage(harness.databasePath, subkey: Harness.subkey, model: "gpt-4o")
+                    == Tally(requests: 1, promptTokens: 11, completionTokens: 7, totalTokens: 18)
+            )
+            let row = try #require(try TestDatabase.rows(harness.databasePath, "SELECT * FROM request_log").first)
+            #expect(row["request_id"] as String == "req-1")
+            #expect(row["key_id"] as String == Caller.hash(Harness.subkey))
+            #expect(row["subkey_hash"] as String == Caller.hash(Harness.subkey))
+            #expect(row["model"] as String == "gpt-4o")
+            #expect(row["status_code"] as Int == 200)
+            #expect(row["prompt_tokens"] as Int == 11 && row["completion_tokens"] as Int == 7 && row["total_tokens"] as Int == 18)
+            #expect(row["is_streaming"] as Bool == false && row["client_disconnected"] as Bool == false)
+            #expect(row["client_ip"] as String == "127.0.0.1")
+            #expect(row["x_forwarded_for"] as String == "203.0.113.9, 10.0.0.1")
+            #expect((row["latency_ms"] as Double) > 0)
+            #expect(abs((row["finished_at"] as Double) - harness.bridge.clock.now()) < 1)
+            // Outside the usage table, the plaintext key appears nowhere.
+            let tables = try TestDatabase.rows(harness.databasePath, "SELECT name FROM sqlite_master WHERE type = 'table'")
+                .map { $0["name"] as String }
+            #expect(Set(tables).isSuperset(of: ["usage", "usage_period", "request_log"]))
+            for table in tables where table != "usage" {
+                for row in try TestDatabase.rows(harness.databasePath, "SELECT * FROM \(table)") {
+                    for column in row.columnNames {
+                        let text = String(describing: row[column] as DatabaseValue)
+                        #expect(!text.contains(Harness.subkey), "\(table).\(column)")
+                    }
+                }
+            }
+        }
+    }
+
+    @Test func streamedAndDisconnectedRequestsHaveTheirRows() async throws {
+        var settings = FakeCircuit.Settings()
+        settings.headerDelay = .milliseconds(600)
+        try await Harness.with(circuitSettings: settings) { harness async throws in
+            #expect(try await harness.chat(Harness.chatBody(stream: true)).status == 200)
+            let request = harness.chatRequest(Harness.chatBody(model: "slow-headers", stream: true))
+            await #expect(throws: (any Error).self) {
+                _ = try await harness.client.execute(request, timeout: .milliseconds(100))
+            }
+            await harness.recorder.usage.wait(until: { $0.count == 2 })
+            let rows = try TestDatabase.rows(
+                harness.databasePath,
+                "SELECT model, is_streaming, client_disconnected, total_tokens FROM request_log ORDER BY id"
+            )
+            #expect(rows.map { $0["model"] as String } == ["gpt-4o", "slow-headers"])
+            #expect(rows.map { $0["is_streaming"] as Bool } == [true, true])
+            #expect(rows.map { $0["client_disconnected"] as Bool } == [false, true])
+            #expect(rows.first?["total_tokens"] as Int? == 15)
+            #expect(try TestDatabase.usage(harness.databasePath, subkey: Harness.subkey, model: "slow-headers")?.requests == 1)
+        }
+    }
+
+    @Test func anEarlierBridgesDatabaseHoldingOnlyUsageIsUsedInPlace() async throws {
+        let directory = try Harness.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("quota.db").path
+        try TestDatabase.execute(path, TestDatabase.earlierUsageTable)
+        try TestDatabase.execute(
+            path,
+            "INSERT INTO usage VALUES ('team_member_alice', 'gpt-4o', 9, 900, 90, 990), ('bob', 'o3', 3, 1, 2, 3)"
+        )
+        let environment = [
+            "QUOTA_DB_PATH": path, "QUOTAS_JSON": #"{"team_member_alice": {"gpt-4o": {"requests": 10}}, "bob": {}}"#,
+        ]
+        try await Harness.with(environment: environment, directory: directory) { harness async throws in
+            // Nine of ten used before the upgrade: one left.
+            #expect(try await harness.chat(Harness.chatBody(), subkey: "team_member_alice").status == 200)
+            expectError(
+                try await harness.chat(Harness.chatBody(), subkey: "team_member_alice"),
+                status: 429,
+                code: "quota_exceeded"
+            )
+            #expect(
+                try TestDatabase.usage(path, subkey: "team_member_alice", model: "gpt-4o")
+                    == Tally(requests: 10, promptTokens: 911, completionTokens: 97, totalTokens: 1008)
+            )
+            #expect(try TestDatabase.usage(path, subkey: "bob", model: "o3")?.requests == 3)
+        }
+        // The table is still the earlier bridge's, so it could still read the file.
+        let columns = try TestDatabase.rows(path, "PRAGMA table_info(usage)").map { $0["name"] as String }
+        #expect(columns == ["subkey", "model", "requests", "prompt_tokens", "completion_tokens", "total_tokens"])
+        #expect(try TestDatabase.count(path, "SELECT count(*) FROM grdb_migrations") == 1)
+    }
+
+    @Test func anEarlierBridgesNewerTablesGiveMonthlyCountsNamesAndRevocations() async throws {
+        let directory = try Harness.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("quota.db").path
+        let month = PeriodCalendar.monthString(PeriodCalendar.month(ofDay: PeriodCalendar.day(Date().timeIntervalSince1970)))
+        try TestDatabase.execute(path, TestDatabase.earlierUsageTable + ";" + TestDatabase.earlierNewerTables)
+        try TestDatabase.execute(
+            path,
+            """
+            INSERT INTO usage VALUES ('alice', 'gpt-4o', 40, 0, 0, 400);
+            INSERT INTO monthly_usage VALUES ('alice', 'gpt-4o', '2020-01', 35, 0, 0, 350), ('alice', 'gpt-4o', ?, 5, 0, 0, 50);
+            INSERT INTO subkey_names (subkey, friendly_name, email) VALUES ('alice', 'Alice Liddell', 'alice@example.com'),
+              ('mallory', 'Mallory', NULL);
+            INSERT INTO key_lifecycle (subkey, status) VALUES ('old-key', 'revoked'), ('older-key', 'replaced'),
+              ('alice', 'active');
+            """,
+            [month]
+        )
+        let policy = #"{"alice": {"gpt-4o": {"requests": 6, "period": "monthly"}}, "old-key": {}, "older-key": {}}"#
+        try await Harness.with(environment: ["QUOTA_DB_PATH": path, "QUOTAS_JSON": policy], directory: directory) {
+            harness async throws in
+            // Five this month already: one left.
+            #expect(try await harness.chat(Harness.chatBody(), subkey: "alice").status == 200)
+            expectError(try await harness.chat(Harness.chatBody(), subkey: "alice"), status: 429, code: "quota_exceeded")
+            // Revoked and replaced keys stay refused even though the policy names them.
+            for key in ["old-key", "older-key"] {
+                expectError(try await harness.chat(Harness.chatBody(), subkey: key), status: 403, code: "unauthorized_subkey")
+            }
+            // subkey_names alone does not authorise.
+            expectError(try await harness.chat(Harness.chatBody(), subkey: "mallory"), status: 403, code: "unauthorized_subkey")
+            let record = try #require(await harness.recorder.usage.entries.first)
+            #expect(record.caller.friendlyName == "Alice Liddell" && record.caller.email == "alice@example.com")
+            let row = try #require(try TestDatabase.rows(path, "SELECT friendly_name, email FROM request_log").first)
+            #expect(row["friendly_name"] as String? == "Alice Liddell" && row["email"] as String? == "alice@example.com")
+            // The monthly rows were carried over under the hashed key; the earlier table is left as it was.
+            let months = try TestDatabase.rows(
+                path,
+                "SELECT period_start, requests FROM usage_period WHERE period = 'monthly' AND key_id = ? ORDER BY period_start",
+                [Caller.hash("alice")]
+            )
+            #expect(months.map { $0["requests"] as Int } == [35, 6])
+            #expect(try TestDatabase.count(path, "SELECT sum(requests) FROM monthly_usage") == 40)
+        }
+    }
+
+    @Test func concurrentRecordsShareTransactions() async throws {
+        let store = GatedStore()
+        let writer = LedgerWriter(store: store, retentionDays: 90, clock: .system, logger: Logger(label: "test"), metrics: nil)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { await writer.commit(Self.entry(model: "first")) }
+            await store.started.wait(until: { $0.count == 1 })
+            for index in 0..<19 {
+                group.addTask { await writer.commit(Self.entry(model: "m\(index)")) }
+            }
+            while writer.queued < 19 { await Task.yield() }
+            store.open()
+            try await group.waitForAll()
+        }
+        // One transaction for the first record, one for the nineteen that waited meanwhile.
+        #expect(await store.started.entries == [1, 19])
+        #expect(writer.health.isHealthy && writer.queued == 0)
+    }
+
+    @Test func aFailingDatabaseKeepsRecordsAnswersClientsAndShowsInHealth() async throws {
+        try await Harness.with { harness async throws in
+            // Another process breaks the schema under the bridge.
+            try TestDatabase.execute(harness.databasePath, "ALTER TABLE request_log RENAME TO request_log_away")
+            #expect(try await harness.chat(Harness.chatBody()).status == 200)
+            #expect(try await harness.chat(Harness.chatBody()).status == 200)
+            let health = try await harness.request(.GET, "/health")
+            #expect(health.status == 503 && health.json?["status"] as? String == "unhealthy")
+            let database = try #require(health.json?["database"] as? [String: Any])
+            #expect(database["status"] as? String == "error")
+            #expect((database["last_error"] as? String)?.contains("request_log") == true)
+            #expect(database["unwritten_records"] as? Int == 2)
+            #expect(harness.logs.all.contains { $0.contains("ledger commit failed") })
+            // Repaired: the next commit writes what was kept, too.
+            try TestDatabase.execute(harness.databasePath, "ALTER TABLE request_log_away RENAME TO request_log")
+            #expect(try await harness.chat(Harness.chatBody()).status == 200)
+            #expect(try TestDatabase.count(harness.databasePath, "SELECT count(*) FROM request_log") == 3)
+            #expect(try TestDatabase.usage(harness.databasePath, subkey: Harness.subkey, model: "gpt-4o")?.requests == 3)
+            let healthy = try await harness.request(.GET, "/health")
+            #expect(healthy.status == 200 && (healthy.json?["database"] as? [String: Any])?["status"] as? String == "ok")
+        }
+    }
+
+    @Test func oldRequestLogRowsArePurged() async throws {
+        let directory = try Harness.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("quota.db").path
+        let store = try SQLiteLedger.open(path: path)
+        let now = Date().timeIntervalSince1970
+        var old = Self.entry(model: "gpt-4o")
+        old.finishedAt = now - 91 * 86_400
+        var recent = Self.entry(model: "gpt-4o")
+        recent.finishedAt = now - 89 * 86_400
+        _ = try await store.commit([old, old, recent], purgingLogBefore: nil, purgeLimit: 10)
+        let purged = try await store.commit([], purgingLogBefore: now - 90 * 86_400, purgeLimit: 10)
+        #expect(purged == 2)
+        #expect(try TestDatabase.count(path, "SELECT count(*) FROM request_log") == 1)
+        // Totals are never purged.
+        #expect(try TestDatabase.usage(path, subkey: "k", model: "gpt-4o")?.requests == 3)
+        try await store.close()
+    }
+
+    static func entry(model: String) -> LedgerEntry {
+        let caller = Caller(subkey: "k")
+        let record = UsageRecord(
+            requestID: UUID().uuidString,
+            finishedAt: Date().timeIntervalSince1970,
+            admission: Admission(caller: caller, model: model, admittedAt: Date().timeIntervalSince1970),
+            statusCode: 200,
+            usage: Usage(promptTokens: 1, completionTokens: 2),
+            isStreaming: false,
+            latency: .milliseconds(5),
+            clientDisconnected: false,
+            clientAddress: "127.0.0.1",
+            forwardedFor: ""
+        )
+        return LedgerEntry(record)
+    }
+}
+
+/// A store whose first transaction waits until the test opens it, recording each transaction's size.
+final class GatedStore: LedgerStore {
+    let started = Journal<Int>()
+    private let gate = NIOLockedValueBox<CheckedContinuation<Void, Never>?>(nil)
+    private let isOpen = NIOLockedValueBox(false)
+
+    var location: String { "memory" }
+
+    func open() {
+        let waiting = isOpen.withLockedValue { open -> CheckedContinuation<Void, Never>? in
+            open = true
+            return gate.withLockedValue { gate in
+                defer { gate = nil }
+                return gate
+            }
+        }
+        waiting?.resume()
+    }
+
+    func commit(_ entries: [LedgerEntry], purgingLogBefore cutoff: Double?, purgeLimit: Int) async throws -> Int {
+        await started.append(entries.count)
+        await withCheckedContinuation { continuation in
+            let proceed = isOpen.withLockedValue { open in
+                if !open { gate.withLockedValue { $0 = continuation } }
+                return open
+            }
+            if proceed { continuation.resume() }
+        }
+        return 0
+    }
+
+    func snapshot(day: String, month: String) async throws -> LedgerSnapshot { LedgerSnapshot() }
+    func directory() async throws -> KeyDirectory { KeyDirectory() }
+    func report(_ query: UsageQuery) async throws -> [UsageReportRow] { [] }
+    func close() async throws {}
+}
