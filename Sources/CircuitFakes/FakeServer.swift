@@ -62,7 +62,8 @@ public enum FakeServerError: Error {
 /// A list of what a fake saw, which tests can wait on without sleeping.
 public actor Journal<Entry: Sendable> {
     public private(set) var entries: [Entry] = []
-    private var waiters: [(predicate: @Sendable ([Entry]) -> Bool, continuation: CheckedContinuation<Void, Never>)] = []
+    private var waiters: [(id: Int, predicate: @Sendable ([Entry]) -> Bool, continuation: CheckedContinuation<Void, Never>)] = []
+    private var nextID = 0
 
     public init() {}
 
@@ -75,11 +76,27 @@ public actor Journal<Entry: Sendable> {
 
     public var count: Int { entries.count }
 
-    /// Returns once the entries satisfy `predicate`.
+    /// Returns once the entries satisfy `predicate`, or when the task is cancelled (a test's time limit), so a
+    /// test waiting for something that never comes fails instead of hanging.
     public func wait(until predicate: @escaping @Sendable ([Entry]) -> Bool) async {
         if predicate(entries) { return }
-        await withCheckedContinuation { continuation in
-            waiters.append((predicate, continuation))
+        nextID += 1
+        let id = nextID
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { continuation in
+                if Task.isCancelled {
+                    continuation.resume()
+                } else {
+                    waiters.append((id, predicate, continuation))
+                }
+            }
+        } onCancel: {
+            Task { await self.stopWaiting(id) }
         }
+    }
+
+    private func stopWaiting(_ id: Int) {
+        guard let index = waiters.firstIndex(where: { $0.id == id }) else { return }
+        waiters.remove(at: index).continuation.resume()
     }
 }

@@ -162,10 +162,8 @@ import Testing
     }
 
     @Test func connectionRefusedIs502() async throws {
-        let closed = try await FakeServer.start(CallbackResponder<BasicRequestContext> { _, _ in Response(status: .ok) })
-        let port = closed.port
-        await closed.stop()
-        try await Harness.with(environment: ["CIRCUIT_BASE": "http://127.0.0.1:\(port)"]) { harness async throws in
+        let refusing = try RefusingPort()
+        try await Harness.with(environment: ["CIRCUIT_BASE": "http://127.0.0.1:\(refusing.port)"]) { harness async throws in
             let answer = try await harness.chat(Harness.chatBody())
             expectError(answer, status: 502, code: "upstream_unreachable", message: "Gateway error: could not reach Circuit API")
             #expect(!answer.body.contains("127.0.0.1"))
