@@ -79,12 +79,19 @@ bridge_env=(env -i "PATH=$PATH" "HOME=${HOME:-/tmp}"
     "CIRCUIT_BASE=$circuit_base" "TOKEN_URL=$token_url" REQUIRE_SUBKEY=true LOG_LEVEL=info
     "QUOTA_DB_PATH=$work/quota.db" "QUOTAS_JSON_PATH=$work/quotas.json")
 
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
-"${bridge_env[@]}" "$BRIDGE" serve --host 127.0.0.1 --port "$port" >"$work/bridge.log" 2>&1 </dev/null &
-bridge_pid=$!
+# The subkeys sdk_check.py uses: o3 blocked for one, one gpt-4o request a day for another.
+cat >"$work/quotas.json" <<'EOF'
+{"team-member-subkey": {"o3": {"requests": 0}},
+ "limited-subkey": {"gpt-4o": {"requests": 1, "period": "daily"}}}
+EOF
 
-# Wait (at most ~10 s) for /health to answer 200.
-if "$PY" - "$port" <<'PYEOF'; then pass "bridge: /health answers 200"; else fail "bridge: /health never answered 200"; fi
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
+start_bridge() {
+    "${bridge_env[@]}" "$BRIDGE" serve --host 127.0.0.1 --port "$port" >>"$work/bridge.log" 2>&1 </dev/null &
+    bridge_pid=$!
+}
+wait_healthy() {  # at most ~10 s for /health to answer 200
+    "$PY" - "$port" <<'PYEOF'
 import sys, time, urllib.request
 for _ in range(100):
     try:
@@ -96,6 +103,9 @@ for _ in range(100):
     time.sleep(0.1)
 sys.exit(1)
 PYEOF
+}
+start_bridge
+if wait_healthy; then pass "bridge: /health answers 200"; else fail "bridge: /health never answered 200"; fi
 if grep "listening" "$work/bridge.log" | grep -qw "port=$port"; then pass "bridge: logs listening port=$port"
 else fail "bridge: no 'listening ... port=$port' log line"; fi
 
@@ -107,6 +117,56 @@ if (( failed == 0 )); then
     passed=$((passed + sdk_passed)) failed=$((failed + sdk_failed))
     if (( sdk_status != 0 && sdk_failed == 0 )); then fail "sdk_check.py exited with status $sdk_status"; fi
 fi
+
+# One chat request through the bridge; prints the HTTP status.
+chat() {  # subkey, model
+    "$PY" - "$port" "$1" "$2" <<'PYEOF'
+import json, sys, urllib.error, urllib.request
+port, subkey, model = sys.argv[1:4]
+body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
+request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                 headers={"Authorization": f"Bearer {subkey}", "Content-Type": "application/json"})
+try:
+    with urllib.request.urlopen(request, timeout=10) as response:
+        print(response.status)
+except urllib.error.HTTPError as e:
+    print(e.code)
+PYEOF
+}
+
+# SIGHUP reloads the policy at once (and does not stop the bridge).
+cat >"$work/quotas.json" <<'EOF'
+{"team-member-subkey": {"o3": {"requests": 0}},
+ "limited-subkey": {"gpt-4o": {"requests": 1, "period": "daily"}},
+ "new-member": {}}
+EOF
+kill -HUP "$bridge_pid"
+for _ in $(seq 50); do grep -q 'quota policy loaded.*trigger=SIGHUP' "$work/bridge.log" && break; sleep 0.1; done
+if kill -0 "$bridge_pid" 2>/dev/null && grep -q 'quota policy loaded.*trigger=SIGHUP' "$work/bridge.log" \
+    && [[ $(chat new-member gpt-4o) == 200 ]]; then pass "quotas: SIGHUP reloads the policy"
+else fail "quotas: SIGHUP did not reload the policy"; fi
+
+# Every answer a client received is in the ledger, even when the bridge is killed right after.
+for _ in $(seq 20); do chat new-member gpt-4o-mini >/dev/null; done
+kill -KILL "$bridge_pid"; wait "$bridge_pid" 2>/dev/null || true; bridge_pid=
+counted=$(python3 -c 'import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute(
+    "SELECT requests FROM usage WHERE subkey = ? AND model = ?", ("new-member", "gpt-4o-mini")).fetchone()[0])' "$work/quota.db")
+if [[ $counted == 20 ]]; then pass "ledger: 20 answers, SIGKILL, 20 in the ledger"
+else fail "ledger: $counted of 20 answers in the ledger after SIGKILL"; fi
+start_bridge
+if wait_healthy && [[ $(chat limited-subkey gpt-4o) == 429 ]]; then pass "quotas: a used-up daily limit survives a restart"
+else fail "quotas: the daily limit was forgotten across a restart"; fi
+
+# The operator commands, on the same files.
+if "$BRIDGE" quotas check "$work/quotas.json" --db "$work/quota.db" >"$work/check.out" 2>&1 \
+    && grep -q 'valid; 3 subkeys' "$work/check.out" && ! grep -q 'member' "$work/check.out"; then
+    pass "quotas check: valid, no plaintext key"
+else fail "quotas check: $(head -c 500 "$work/check.out")"; fi
+if "$BRIDGE" usage report --db "$work/quota.db" --by model --format json >"$work/report.json" 2>&1 \
+    && python3 -c 'import json, sys; rows = {r["model"]: r["requests"] for r in json.load(open(sys.argv[1]))}
+sys.exit(rows.get("gpt-4o-mini") != 20)' "$work/report.json"; then
+    pass "usage report: JSON by model"
+else fail "usage report: $(head -c 500 "$work/report.json")"; fi
 
 # Invalid configuration must exit 78 (EX_CONFIG) with a message naming the culprit.
 expect_config_error() {  # name, text stderr must contain, command (env assignments first)...
@@ -122,6 +182,9 @@ expect_config_error "UPSTREAM_TIMEOUT_SECONDS=abc exits 78" UPSTREAM_TIMEOUT_SEC
     UPSTREAM_TIMEOUT_SECONDS=abc "$BRIDGE" serve --host 127.0.0.1 --port 0
 expect_config_error "missing certificate exits 78" "oai-to-circuit cert generate" \
     "$BRIDGE" serve --host 127.0.0.1 --ssl-only --ssl-port 0 --cert /nonexistent.pem --key /nonexistent-key.pem
+echo '{"k": {"*": {"period": "weekly"}}}' >"$work/bad-quotas.json"
+expect_config_error "an invalid policy exits 78" "QUOTAS_JSON_PATH: $work/bad-quotas.json: subkey entry #1" \
+    "QUOTAS_JSON_PATH=$work/bad-quotas.json" "$BRIDGE" serve --host 127.0.0.1 --port 0
 
 # SIGINT is a clean shutdown: exit status 0.
 stop_status=0

@@ -14,9 +14,11 @@ import openai
 from openai import AsyncOpenAI, OpenAI
 
 BASE_URL = os.environ["BASE_URL"]
-SUBKEY = "team-member-subkey"  # test value; never printed
+SUBKEY = "team-member-subkey"  # test values; never printed
+LIMITED_SUBKEY = "limited-subkey"  # one gpt-4o request a day
 GREETING = "Hello from fake Circuit"
-MODELS = ["gpt-4.1", "gpt-4o-mini", "gpt-4o", "o4-mini", "o3", "gemini-2.5-flash", "gemini-2.5-pro"]
+# o3 is blocked for SUBKEY by the policy scripts/sdk-check.sh writes, so it is not listed.
+MODELS = ["gpt-4.1", "gpt-4o-mini", "gpt-4o", "o4-mini", "gemini-2.5-flash", "gemini-2.5-pro"]
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 
 # No retries: a retried failure would hide what the bridge answered first.
@@ -135,6 +137,40 @@ def async_streamed_chat_completion():
     chunks = asyncio.run(run())
     expect(stream_text(chunks) == GREETING, f"deltas {stream_text(chunks)!r}")
     expect(chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 15, f"usage {chunks[-1].usage}")
+
+
+@check
+def blocked_model_is_403():
+    try:
+        client.chat.completions.create(model="o3", messages=MESSAGES)
+        raise AssertionError("no error")
+    except openai.PermissionDeniedError as e:
+        expect(e.code == "model_not_allowed", f"code {e.code!r}, body {e.body}")
+    ids = [model.id for model in client.models.list()]
+    expect("o3" not in ids, f"blocked model listed: {ids}")
+
+
+@check
+def unknown_subkey_is_403():
+    stranger = OpenAI(base_url=BASE_URL, api_key="not-a-member", max_retries=0, timeout=30)
+    try:
+        stranger.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        raise AssertionError("no error")
+    except openai.PermissionDeniedError as e:
+        expect(e.code == "unauthorized_subkey", f"code {e.code!r}, body {e.body}")
+
+
+@check
+def used_up_daily_limit_is_429_with_retry_after():
+    limited = OpenAI(base_url=BASE_URL, api_key=LIMITED_SUBKEY, max_retries=0, timeout=30)
+    limited.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    try:
+        limited.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        raise AssertionError("no error")
+    except openai.RateLimitError as e:
+        expect(e.code == "quota_exceeded", f"code {e.code!r}, body {e.body}")
+        retry_after = int(e.response.headers.get("retry-after", "0"))
+        expect(0 < retry_after <= 86400, f"retry-after {retry_after}")
 
 
 def main():
