@@ -144,12 +144,12 @@ import Testing
 
     @Test func unknownFieldsAndUnderscoreEntriesAreToleratedAndReported() throws {
         let policy = try parse(
-            #"{"k": {"gpt-4o": {"requests": 1, "pricing_tier": "payg", "backend_id": "x"}}, "_REVOKED_oldkey": {"*": {}}, "_comment": "hello"}"#
+            #"{"k": {"gpt-4o": {"requests": 1, "pricing_tier": "payg", "backend_id": "x"}}, "_REVOKED_oldkey": {"*": {}}, "_comment": "hello", "_REVOKED_oldkey": {}}"#
         )
         #expect(policy.subjects.count == 1)
         #expect(try limits(policy, "k", "gpt-4o").requests == 1)
         #expect(policy.warnings.contains("ignored fields this bridge does not use: backend_id, pricing_tier"))
-        #expect(policy.warnings.contains("ignored 2 top-level entries starting with '_' (never subkeys)"))
+        #expect(policy.warnings.contains("ignored 3 top-level entries starting with '_' (never subkeys)"))
         // A warning never names a key: `_REVOKED_<key>` entries hold one.
         #expect(!policy.warnings.joined().contains("oldkey"))
     }
@@ -200,6 +200,7 @@ import Testing
         ),
         (#"{"_users": []}"#, "quotas.json: _users must be an object of subkeys, not an array"),
         (#"{"": {}}"#, "quotas.json: a subkey entry has an empty key"),
+        (#"{"_global": {}, "_global": {}}"#, "quotas.json: _global appears twice"),
     ])
     func invalidPoliciesAreRejectedNamingTheEntry(document: String, message: String) throws {
         let expected = message.replacingOccurrences(of: "KEY", with: Caller.hash("k"))

@@ -60,13 +60,7 @@ struct ServeCommand: AsyncParsableCommand {
     }
 
     func makeConfiguration(processEnvironment: [String: String]) throws -> BridgeConfiguration {
-        var environment = processEnvironment
-        if let envFile {
-            // Set and non-empty in the process wins; empty counts as unset (systemd writes `Environment="X="`).
-            for (name, value) in try EnvironmentFile.load(path: envFile) where environment[name]?.isEmpty ?? true {
-                environment[name] = value
-            }
-        }
+        let environment = try EnvironmentFile.merged(into: processEnvironment, from: envFile)
         var listener = BridgeConfiguration.Listener()
         listener.host = host
         listener.port = try Self.port(port, flag: "--port")

@@ -7,13 +7,7 @@ struct EnvironmentOptions: ParsableArguments {
     @Option(name: .customLong("env-file"), help: "Read KEY=VALUE lines; variables already set win.") var envFile: String?
 
     func environment() throws -> [String: String] {
-        var environment = ProcessInfo.processInfo.environment
-        if let envFile {
-            for (name, value) in try EnvironmentFile.load(path: envFile) where environment[name]?.isEmpty ?? true {
-                environment[name] = value
-            }
-        }
-        return environment.filter { !$0.value.isEmpty }
+        try EnvironmentFile.merged(into: ProcessInfo.processInfo.environment, from: envFile).filter { !$0.value.isEmpty }
     }
 }
 
@@ -48,8 +42,13 @@ struct QuotasCommand: AsyncParsableCommand {
         }
     }
 
-    /// Opens the ledger read-only and reads its counters, names and key states.
-    static func readLedger(path: String, now: Double) async throws -> (LedgerSnapshot, KeyDirectory, [String]) {
+    /// An inspector over the policy (from FILE or the environment) and, when `database` is given, the ledger
+    /// opened read-only: its counters, names and key states.
+    static func inspector(file: String?, database: String?, environment: [String: String]) async throws -> QuotaInspector {
+        let (policy, source) = try loadPolicy(file: file, environment: environment)
+        let now = BridgeClock.system.now()
+        var inspector = QuotaInspector(policy: policy, source: source, now: now)
+        guard let path = database else { return inspector }
         guard FileManager.default.fileExists(atPath: path) else {
             printError("error: no database at \(path)")
             throw ExitCode.failure
@@ -57,18 +56,18 @@ struct QuotasCommand: AsyncParsableCommand {
         do {
             let ledger = try SQLiteLedger.open(path: path, readOnly: true)
             let today = PeriodCalendar.day(now)
-            let snapshot = try await ledger.snapshot(
+            inspector.snapshot = try await ledger.snapshot(
                 day: PeriodCalendar.dayString(today),
                 month: PeriodCalendar.monthString(PeriodCalendar.month(ofDay: today))
             )
-            let directory = try await ledger.directory()
-            let keys = try await ledger.ledgerKeys()
+            inspector.directory = try await ledger.directory()
+            inspector.ledgerKeys = try await ledger.ledgerKeys()
             try await ledger.close()
-            return (snapshot, directory, keys)
         } catch {
             printError("error: cannot read \(path): \(LedgerWriter.describe(error))")
             throw ExitCode.failure
         }
+        return inspector
     }
 
     struct Check: AsyncParsableCommand {
@@ -86,16 +85,7 @@ struct QuotasCommand: AsyncParsableCommand {
         @OptionGroup var options: EnvironmentOptions
 
         func run() async throws {
-            let environment = try options.environment()
-            let (policy, source) = try QuotasCommand.loadPolicy(file: file, environment: environment)
-            let now = BridgeClock.system.now()
-            var inspector = QuotaInspector(policy: policy, source: source, now: now)
-            if let db {
-                (inspector.snapshot, inspector.directory, inspector.ledgerKeys) = try await QuotasCommand.readLedger(
-                    path: db,
-                    now: now
-                )
-            }
+            let inspector = try await QuotasCommand.inspector(file: file, database: db, environment: try options.environment())
             print(inspector.check(), terminator: "")
         }
     }
@@ -113,16 +103,10 @@ struct QuotasCommand: AsyncParsableCommand {
 
         func run() async throws {
             let environment = try options.environment()
-            let (policy, source) = try QuotasCommand.loadPolicy(file: file, environment: environment)
-            let now = BridgeClock.system.now()
-            var inspector = QuotaInspector(policy: policy, source: source, now: now)
+            // The default database is used when it exists; without one, usage counts as 0.
             let path = db ?? environment["QUOTA_DB_PATH"] ?? "quota.db"
-            if db != nil || FileManager.default.fileExists(atPath: path) {
-                (inspector.snapshot, inspector.directory, inspector.ledgerKeys) = try await QuotasCommand.readLedger(
-                    path: path,
-                    now: now
-                )
-            }
+            let database = db != nil || FileManager.default.fileExists(atPath: path) ? path : nil
+            let inspector = try await QuotasCommand.inspector(file: file, database: database, environment: environment)
             let (text, authorised) = inspector.explain(subkey: subkey, model: model)
             print(text, terminator: "")
             if !authorised { throw ExitCode.failure }

@@ -60,4 +60,15 @@ public enum EnvironmentFile {
         if let hash = value.range(of: " #") { return value[..<hash.lowerBound].trimmingCharacters(in: .whitespaces) }
         return value
     }
+
+    /// `environment` with the file's variables added where it has none: set and non-empty in the process wins;
+    /// empty counts as unset (systemd writes `Environment="X="`). Without a path, `environment` as it is.
+    static func merged(into environment: [String: String], from path: String?) throws -> [String: String] {
+        guard let path else { return environment }
+        var merged = environment
+        for (name, value) in try load(path: path) where merged[name]?.isEmpty ?? true {
+            merged[name] = value
+        }
+        return merged
+    }
 }

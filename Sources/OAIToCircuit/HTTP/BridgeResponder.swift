@@ -155,9 +155,15 @@ public struct BridgeResponder: HTTPResponder {
     func authorize(_ request: Request, exchange: inout Exchange) async throws -> Caller {
         let subkey = Self.subkey(in: request.headers)
         if subkey == nil, bridge.configuration.requireSubkey { throw BridgeError.subkeyRequired }
-        let caller = try await bridge.authorizer.authorize(subkey: subkey)
-        exchange.caller = caller
-        return caller
+        do {
+            let caller = try await bridge.authorizer.authorize(subkey: subkey)
+            exchange.caller = caller
+            return caller
+        } catch {
+            // The refusal's record names the presented key (hashed), so misuse shows in the events.
+            exchange.caller = Caller(subkey: subkey)
+            throw error
+        }
     }
 
     static func subkey(in headers: HTTPFields) -> String? {

@@ -18,13 +18,8 @@ public struct LedgerRecorder: UsageRecorder {
         await writer.commit(LedgerEntry(usage))
     }
 
+    /// Refusals are only logged for now; the Splunk error events will carry them.
     public func record(_ refusal: RefusalRecord) async {
-        logger.debug(
-            "refused",
-            metadata: [
-                "request_id": "\(refusal.requestID)", "key_id": "\(refusal.caller?.keyID ?? "-")",
-                "model": "\(refusal.model ?? "-")", "error": "\(refusal.error.code)",
-            ]
-        )
+        await LoggingUsageRecorder(logger: logger).record(refusal)
     }
 }

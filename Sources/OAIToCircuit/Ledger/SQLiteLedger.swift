@@ -1,5 +1,6 @@
 import Foundation
 import GRDB
+import Synchronization
 
 /// The ledger in SQLite (`QUOTA_DB_PATH`), through GRDB: WAL with `synchronous=NORMAL`, so a commit is durable
 /// against a killed process and costs no fsync per transaction.
@@ -11,10 +12,17 @@ import GRDB
 public final class SQLiteLedger: LedgerStore {
     public let location: String
     private let database: DatabaseQueue
+    /// A second connection that copies the WAL back into the database file, so that work (and its fsync) never
+    /// runs inside a request's commit, as SQLite's automatic checkpoint would.
+    private let checkpointer: DatabaseQueue?
+    private let checkpointState = Mutex((commits: 0, running: false))
+    /// Commits between checkpoints: a few pages each, so the WAL stays around a thousand pages, SQLite's default.
+    static let commitsPerCheckpoint = 200
 
-    private init(location: String, database: DatabaseQueue) {
+    private init(location: String, database: DatabaseQueue, checkpointer: DatabaseQueue?) {
         self.location = location
         self.database = database
+        self.checkpointer = checkpointer
     }
 
     /// Opens (creating if needed) and migrates the database. `readOnly` opens an existing file for reports
@@ -25,13 +33,18 @@ public final class SQLiteLedger: LedgerStore {
         configuration.busyMode = .timeout(5)
         if readOnly {
             configuration.readonly = true
-        } else {
-            configuration.journalMode = .wal
-            configuration.prepareDatabase { db in try db.execute(sql: "PRAGMA synchronous = NORMAL") }
+            let database = try DatabaseQueue(path: path, configuration: configuration)
+            return SQLiteLedger(location: path, database: database, checkpointer: nil)
+        }
+        configuration.journalMode = .wal
+        configuration.prepareDatabase { db in
+            try db.execute(sql: "PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 0")
         }
         let database = try DatabaseQueue(path: path, configuration: configuration)
-        if !readOnly { try migrator.migrate(database) }
-        return SQLiteLedger(location: path, database: database)
+        try migrator.migrate(database)
+        configuration.label = "ledger-checkpoint"
+        let checkpointer = try DatabaseQueue(path: path, configuration: configuration)
+        return SQLiteLedger(location: path, database: database, checkpointer: checkpointer)
     }
 
     /// Versioned migrations; each runs once per file, recorded in `grdb_migrations`.
@@ -162,11 +175,32 @@ public final class SQLiteLedger: LedgerStore {
     public func commit(_ entries: [LedgerEntry], purgingLogBefore cutoff: Double?, purgeLimit: Int) async throws -> Int {
         // Not cancellable on purpose: the batch holds other requests' records, and the task that happens to write it
         // may be cancelled (its client left). GRDB's async `write` would interrupt the transaction in that case.
-        try await withCheckedThrowingContinuation { continuation in
+        let purged = try await withCheckedThrowingContinuation { continuation in
             database.asyncWrite(
                 { db in try Self.write(entries, purgingLogBefore: cutoff, purgeLimit: purgeLimit, db) },
                 completion: { _, result in continuation.resume(with: result) }
             )
+        }
+        checkpointIfDue()
+        return purged
+    }
+
+    /// Starts a passive checkpoint on the second connection every `commitsPerCheckpoint` commits, unless one is
+    /// still running. It runs beside the writer (SQLite lets a checkpoint and a writer work at once), on GRDB's
+    /// queue, and nobody waits for it.
+    private func checkpointIfDue() {
+        guard let checkpointer else { return }
+        let due = checkpointState.withLock { state in
+            state.commits += 1
+            guard state.commits >= Self.commitsPerCheckpoint, !state.running else { return false }
+            state.commits = 0
+            state.running = true
+            return true
+        }
+        guard due else { return }
+        checkpointer.asyncWriteWithoutTransaction { db in
+            _ = try? db.checkpoint(.passive)
+            self.checkpointState.withLock { $0.running = false }
         }
     }
 
@@ -323,6 +357,7 @@ public final class SQLiteLedger: LedgerStore {
     }
 
     public func close() async throws {
+        try checkpointer?.close()
         try database.close()
     }
 }

@@ -245,7 +245,9 @@ public struct QuotaPolicy: Sendable {
         mutating func parse(_ members: [JSONMember]) throws(PolicyError) -> QuotaPolicy {
             var seen: Set<String> = []
             for member in members {
-                guard seen.insert(member.key).inserted else {
+                // Other `_` entries are ignored, so their repeats are too (and their names may hold a key).
+                let isIgnored = member.key.hasPrefix("_") && !["_global", "_templates", "_users"].contains(member.key)
+                guard seen.insert(member.key).inserted || isIgnored else {
                     throw PolicyError("\(source): \(name(ofKey: member.key)) appears twice")
                 }
                 switch member.key {
@@ -456,7 +458,7 @@ public struct QuotaPolicy: Sendable {
         }
 
         func name(ofKey key: String) -> String {
-            key.hasPrefix("_") ? "'\(key)'" : subkeyName(key)
+            key.hasPrefix("_") ? key : subkeyName(key)
         }
     }
 }
