@@ -1,6 +1,7 @@
 import AsyncHTTPClient
 import CircuitFakes
 import Foundation
+import NIOConcurrencyHelpers
 import NIOCore
 import Testing
 
@@ -199,5 +200,56 @@ import Testing
             let row = try #require(try TestDatabase.rows(harness.databasePath, "SELECT status_code FROM request_log").first)
             #expect(row["status_code"] as Int == 400)
         }
+    }
+
+    @Test func aManagedKeyOfTheRegistryWinsOverThePolicyFile() async throws {
+        let registry = TestRegistry()
+        let digest = SubkeyDigest("managed-secret")
+        registry.keys.withLockedValue {
+            $0[digest] = ManagedKey(
+                keyID: "key_dana",
+                friendlyName: "Dana",
+                email: "dana@example.com",
+                template: "basic",
+                rules: [(try! ModelPattern("gpt-4o"), QuotaRule(requests: .limit(1)))]
+            )
+        }
+        // The policy file names the same key without limits: the registry's rules apply.
+        let policy = #"{"_templates": {"basic": {"rules": {"o3": {"requests": 0}}}}, "managed-secret": {}}"#
+        try await Harness.with(environment: ["QUOTAS_JSON": policy], registry: registry) { harness async throws in
+            #expect(try await harness.chat(Harness.chatBody(), subkey: "managed-secret").status == 200)
+            expectError(try await harness.chat(Harness.chatBody(), subkey: "managed-secret"), status: 429, code: "quota_exceeded")
+            expectError(
+                try await harness.chat(Harness.chatBody(model: "o3"), subkey: "managed-secret"),
+                status: 403,
+                code: "model_not_allowed"
+            )
+            let record = try #require(await harness.recorder.usage.entries.first)
+            #expect(record.caller.keyID == "key_dana" && record.caller.friendlyName == "Dana")
+            // The ledger names a managed key by its id, never by its secret.
+            #expect(try TestDatabase.usage(harness.databasePath, subkey: "key_dana", model: "gpt-4o")?.requests == 1)
+            #expect(try TestDatabase.usage(harness.databasePath, subkey: "managed-secret", model: "gpt-4o") == nil)
+            // Revoked: refused on the next request, without a restart.
+            registry.revoke(digest)
+            expectError(
+                try await harness.chat(Harness.chatBody(model: "gpt-4.1"), subkey: "managed-secret"),
+                status: 403,
+                code: "unauthorized_subkey"
+            )
+        }
+    }
+}
+
+/// Managed keys in memory, as the keys registry will hold them.
+final class TestRegistry: KeyRegistry {
+    let keys = NIOLockedValueBox<[SubkeyDigest: ManagedKey]>([:])
+    private let changes = NIOLockedValueBox(0)
+
+    func key(for digest: SubkeyDigest) -> ManagedKey? { keys.withLockedValue { $0[digest] } }
+    var generation: Int { changes.withLockedValue { $0 } }
+
+    func revoke(_ digest: SubkeyDigest) {
+        keys.withLockedValue { $0[digest]?.isActive = false }
+        changes.withLockedValue { $0 += 1 }
     }
 }

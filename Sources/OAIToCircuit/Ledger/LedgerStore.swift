@@ -169,7 +169,8 @@ public struct UsageReportRow: Sendable, Equatable {
     }
 }
 
-/// How a `usage.subkey` value maps to a key id: `anonymous` stays, a policy-file key is hashed.
+/// How a `usage.subkey` value maps to a key id: `anonymous` stays, a policy-file key is hashed. (Managed keys,
+/// whose `usage.subkey` is already their id, will be told apart here when the keys registry lands.)
 public enum LedgerKeys {
     public static func keyID(forLedgerKey key: String) -> String {
         key == Caller.anonymousKey ? key : SubkeyDigest(key).keyID

@@ -18,9 +18,9 @@ public final class QuotaEnforcer: SubkeyAuthorizer, AdmissionPolicy {
         var daily = Tally()
         var month: Int
         var monthly = Tally()
-        /// The resolved limits, valid while `generation` is the policy's.
+        /// The resolved limits, valid while the policy's and the registry's generations are these.
         var limits: QuotaLimits?
-        var generation = -1
+        var generation = Generation(policy: -1, registry: -1)
 
         init(day: Int, month: Int) {
             self.day = day
@@ -50,6 +50,11 @@ public final class QuotaEnforcer: SubkeyAuthorizer, AdmissionPolicy {
         var isEmpty: Bool { lifetime.isZero && daily.isZero && monthly.isZero }
     }
 
+    struct Generation: Equatable {
+        var policy: Int
+        var registry: Int
+    }
+
     struct State {
         var policy: QuotaPolicy
         var generation = 0
@@ -58,10 +63,18 @@ public final class QuotaEnforcer: SubkeyAuthorizer, AdmissionPolicy {
     }
 
     private let state: Mutex<State>
+    private let registry: (any KeyRegistry)?
     private let clock: BridgeClock
 
-    public init(policy: QuotaPolicy, directory: KeyDirectory = KeyDirectory(), clock: BridgeClock) {
+    /// `registry`: managed keys, consulted before the policy file (it wins for a key both know).
+    public init(
+        policy: QuotaPolicy,
+        directory: KeyDirectory = KeyDirectory(),
+        registry: (any KeyRegistry)? = nil,
+        clock: BridgeClock
+    ) {
         self.state = Mutex(State(policy: policy, directory: directory))
+        self.registry = registry
         self.clock = clock
     }
 
@@ -110,6 +123,16 @@ public final class QuotaEnforcer: SubkeyAuthorizer, AdmissionPolicy {
     func authorizeNow(subkey: String?) throws(BridgeError) -> Caller {
         guard let subkey else { return .anonymous }
         let digest = SubkeyDigest(subkey)
+        if let managed = registry?.key(for: digest) {
+            guard managed.isActive else { throw .unauthorizedSubkey }
+            return Caller(
+                subkey: subkey,
+                keyID: managed.keyID,
+                ledgerKey: managed.keyID,
+                friendlyName: managed.friendlyName,
+                email: managed.email
+            )
+        }
         return try state.withLock { (state) throws(BridgeError) -> Caller in
             guard state.policy.subjects[digest] != nil else { throw .unauthorizedSubkey }
             let entry = state.directory.entries[digest]
@@ -122,6 +145,19 @@ public final class QuotaEnforcer: SubkeyAuthorizer, AdmissionPolicy {
                 email: entry?.email
             )
         }
+    }
+
+    /// The limits of the key with `digest` for `model`: a managed key's (global rules, its template, its own), else
+    /// the policy file's. Throws when neither knows the key any more (a reload or a revocation since it was
+    /// authorised).
+    private func resolveLimits(_ digest: SubkeyDigest, model: String, in state: State) throws(BridgeError) -> QuotaLimits {
+        if let managed = registry?.key(for: digest) {
+            guard managed.isActive else { throw .unauthorizedSubkey }
+            let rules = state.policy.effectiveRules(template: managed.template, own: managed.rules)
+            return QuotaPolicy.limits(in: rules, for: model)
+        }
+        guard let subject = state.policy.subjects[digest] else { throw .unauthorizedSubkey }
+        return subject.limits(for: model)
     }
 
     // MARK: AdmissionPolicy
@@ -141,14 +177,13 @@ public final class QuotaEnforcer: SubkeyAuthorizer, AdmissionPolicy {
             counter.roll(day: day, month: month)
             if let digest = caller.digest {
                 let limits: QuotaLimits
-                if counter.generation == state.generation, let cached = counter.limits {
+                let generation = Generation(policy: state.generation, registry: registry?.generation ?? 0)
+                if counter.generation == generation, let cached = counter.limits {
                     limits = cached
                 } else {
-                    // The policy may have been reloaded since the caller was authorised.
-                    guard let subject = state.policy.subjects[digest] else { throw .unauthorizedSubkey }
-                    limits = subject.limits(for: model)
+                    limits = try resolveLimits(digest, model: model, in: state)
                     counter.limits = limits
-                    counter.generation = state.generation
+                    counter.generation = generation
                 }
                 if limits.isBlocked {
                     // A refused request leaves no new counter behind, so hostile model names cannot grow the table.
@@ -196,8 +231,8 @@ public final class QuotaEnforcer: SubkeyAuthorizer, AdmissionPolicy {
     public func allows(_ caller: Caller, model: String) async -> Bool {
         guard let digest = caller.digest else { return true }
         return state.withLock { state in
-            guard let subject = state.policy.subjects[digest] else { return false }
-            return !subject.limits(for: model).isBlocked
+            guard let limits = try? resolveLimits(digest, model: model, in: state) else { return false }
+            return !limits.isBlocked
         }
     }
 
@@ -228,4 +263,41 @@ public final class QuotaEnforcer: SubkeyAuthorizer, AdmissionPolicy {
     }
 
     public var subjectCount: Int { state.withLock { $0.policy.subjects.count } }
+}
+
+/// A key managed by the `keys` commands, found by the digest of its secret.
+public struct ManagedKey: Sendable {
+    /// Its non-secret id: what logs, the ledger (`usage.subkey` included) and Splunk call it.
+    public var keyID: String
+    public var friendlyName: String?
+    public var email: String?
+    /// A template of the policy file's `_templates`.
+    public var template: String?
+    public var rules: [(pattern: ModelPattern, rule: QuotaRule)]
+    /// `false` once revoked (or past its rotation grace): refused as an unknown key would be.
+    public var isActive: Bool
+
+    public init(
+        keyID: String,
+        friendlyName: String? = nil,
+        email: String? = nil,
+        template: String? = nil,
+        rules: [(pattern: ModelPattern, rule: QuotaRule)] = [],
+        isActive: Bool = true
+    ) {
+        self.keyID = keyID
+        self.friendlyName = friendlyName
+        self.email = email
+        self.template = template
+        self.rules = rules
+        self.isActive = isActive
+    }
+}
+
+/// The keys registry: managed keys, which win over the policy file for a key both know. Lookups happen under the
+/// enforcer's lock on every request, so they must be in memory and never block.
+public protocol KeyRegistry: Sendable {
+    func key(for digest: SubkeyDigest) -> ManagedKey?
+    /// Changes whenever a key's rules or state change, so the enforcer knows its cached limits are stale.
+    var generation: Int { get }
 }

@@ -90,6 +90,7 @@ public enum BridgeServer {
         httpClient: HTTPClient,
         clock: BridgeClock = .system,
         policyPollInterval: Duration = .seconds(2),
+        registry: (any KeyRegistry)? = nil,
         logger: Logger
     ) async throws -> Assembly {
         let source = PolicySource(configuration)
@@ -121,7 +122,7 @@ public enum BridgeServer {
             try? await store.close()
             throw StartupError("cannot read the usage database \(store.location): " + LedgerWriter.describe(error))
         }
-        let enforcer = QuotaEnforcer(policy: policy, directory: directory, clock: clock)
+        let enforcer = QuotaEnforcer(policy: policy, directory: directory, registry: registry, clock: clock)
         enforcer.load(snapshot)
         let metrics = BridgeMetrics(models: configuration.models)
         let writer = LedgerWriter(

@@ -71,6 +71,7 @@ struct Harness {
         trusting certificate: String? = nil,
         directory given: URL? = nil,
         policyPollInterval: Duration = .seconds(2),
+        registry: (any KeyRegistry)? = nil,
         configure: (inout Bridge) -> Void = { _ in },
         _ body: (Harness) async throws -> Void
     ) async throws {
@@ -109,6 +110,7 @@ struct Harness {
                 httpClient: httpClient,
                 clock: clock.bridgeClock,
                 policyPollInterval: policyPollInterval,
+                registry: registry,
                 logger: logger
             )
             assembled = assembly
