@@ -47,6 +47,20 @@ import Testing
         }
     }
 
+    @Test func aPolicyFileThatVanishesKeepsThePolicyInForce() async throws {
+        let directory = try Harness.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let file = directory.appendingPathComponent("quotas.json")
+        try Self.write(#"{"alice": {}}"#, to: file)
+        try await Harness.with(environment: ["QUOTAS_JSON_PATH": file.path], directory: directory) { harness async throws in
+            try FileManager.default.removeItem(at: file)
+            await harness.assembly.reloader.reloadIfChanged()
+            #expect(try await harness.chat(Harness.chatBody(), subkey: "alice").status == 200)
+            let quotas = try #require(try await harness.request(.GET, "/health").json?["quotas"] as? [String: Any])
+            #expect(quotas["reload_error"] as? String == "\(file.path): no such file")
+        }
+    }
+
     @Test func aChangedFileIsNoticedWithoutASignal() async throws {
         let directory = try Harness.temporaryDirectory()
         defer { try? FileManager.default.removeItem(at: directory) }

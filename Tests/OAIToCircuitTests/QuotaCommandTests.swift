@@ -64,9 +64,15 @@ import Testing
         let text = inspector.check()
         #expect(text.contains("subkey entry #1 \(Caller.hash("team_member_alice")) Alice <alice@example.com>"))
         #expect(text.contains("At or over a limit now"))
-        #expect(text.contains("#2 \(Caller.hash("bob"))  o3     10 requests    12  lifetime"))
-        // Alice's 120 requests are lifetime totals, but her gpt-4o limit is monthly (the period comes from `*`).
-        #expect(!text.contains("#1 \(Caller.hash("team_member_alice"))  gpt-4o"))
+        // Alice's 120 requests are lifetime totals, but her gpt-4o limit is monthly (the period comes from `*`), so
+        // only Bob is listed.
+        let listed = text.components(separatedBy: "At or over a limit now").last?.split(separator: "\n") ?? []
+        #expect(
+            listed.dropFirst().prefix(2).map(String.init) == [
+                "  subkey                      model  limit        used  period",
+                "  #2 \(Caller.hash("bob"))  o3     10 requests    12  lifetime",
+            ]
+        )
         #expect(text.contains("1 key in subkey_names or key_lifecycle but not in this policy: refused now"))
         #expect(text.contains("1 key with usage in the ledger but not in this policy"))
     }
@@ -119,10 +125,22 @@ import Testing
             try OAIToCircuitCommand.parseAsRoot(["quotas", "check", directory.appendingPathComponent("none").path])
             as! any AsyncParsableCommand
         await #expect(throws: ExitCode(78)) { try await command.run() }
+        let database = try await self.database(in: directory)
         command =
-            try OAIToCircuitCommand.parseAsRoot(["quotas", "explain", "--subkey", "nobody", "--model", "o3", good.path])
-            as! any AsyncParsableCommand
+            try OAIToCircuitCommand.parseAsRoot(
+                ["quotas", "explain", "--subkey", "nobody", "--model", "o3", good.path, "--db", database]
+            ) as! any AsyncParsableCommand
         await #expect(throws: ExitCode.failure) { try await command.run() }
+        command =
+            try OAIToCircuitCommand.parseAsRoot(
+                ["usage", "report", "--db", database, "--since", "2026-11", "--by", "model", "--format", "csv"]
+            ) as! any AsyncParsableCommand
+        try await command.run()
+        for bad in [["--by", "week"], ["--format", "xml"], ["--since", "yesterday"], ["--until", "2026-13"]] {
+            command =
+                try OAIToCircuitCommand.parseAsRoot(["usage", "report", "--db", database] + bad) as! any AsyncParsableCommand
+            await #expect(throws: ValidationError.self) { try await command.run() }
+        }
     }
 
     @Test func usageReportGroupsAndFormats() async throws {
@@ -190,6 +208,28 @@ import Testing
         #expect(bob.lines.map(\.group) == ["o3", "gpt-4o"])
         #expect(bob.lines.map(\.tally.requests) == [14, 2])
         try await store.close()
+    }
+
+    @Test func anEarlierBridgesFileNotYetMigratedShowsItsMonthlyTotals() async throws {
+        let directory = try Harness.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("quota.db").path
+        try TestDatabase.execute(path, TestDatabase.earlierUsageTable + ";" + TestDatabase.earlierNewerTables)
+        try TestDatabase.execute(
+            path,
+            """
+            INSERT INTO usage VALUES ('bob', 'o3', 30, 0, 0, 0);
+            INSERT INTO monthly_usage VALUES ('bob', 'o3', '2026-10', 18, 0, 0, 0), ('bob', 'o3', '2026-11', 12, 0, 0, 0);
+            """
+        )
+        let store = try SQLiteLedger.open(path: path, readOnly: true)
+        let snapshot = try await store.snapshot(day: "2026-11-29", month: "2026-11")
+        #expect(snapshot.monthly.map(\.tally.requests) == [12] && snapshot.monthly.first?.key == Caller.hash("bob"))
+        let months = try await store.report(UsageQuery(grouping: .month))
+        #expect(UsageReport(rows: months, grouping: .month).lines.map(\.group) == ["2026-10", "2026-11"])
+        try await store.close()
+        // Read-only: nothing was migrated.
+        #expect(try TestDatabase.count(path, "SELECT count(*) FROM sqlite_master WHERE name = 'usage_period'") == 0)
     }
 
     @Test func csvFieldsAreQuotedAndNeverFormulas() {

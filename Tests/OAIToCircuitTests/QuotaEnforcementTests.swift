@@ -246,6 +246,7 @@ final class TestRegistry: KeyRegistry {
     private let changes = NIOLockedValueBox(0)
 
     func key(for digest: SubkeyDigest) -> ManagedKey? { keys.withLockedValue { $0[digest] } }
+    func contains(keyID: String) -> Bool { keys.withLockedValue { $0.values.contains { $0.keyID == keyID } } }
     var generation: Int { changes.withLockedValue { $0 } }
 
     func revoke(_ digest: SubkeyDigest) {

@@ -154,6 +154,25 @@ import Testing
         #expect(!policy.warnings.joined().contains("oldkey"))
     }
 
+    @Test func aTopLevelEntryMayUseTheStructuredShape() throws {
+        let policy = try parse(
+            #"{"_templates": {"t": {"o3": {"requests": 2}}}, "alice": {"template": "t", "rules": {"gpt-4o": {"requests": 5}}}, "_users": {"_note": {}, "bob": {}}}"#
+        )
+        #expect(try limits(policy, "alice", "gpt-4o").requests == 5)
+        #expect(try limits(policy, "alice", "o3").requests == 2)
+        // Keys starting with `_` are never subkeys, under `_users` either.
+        #expect(policy.subject(for: "_note") == nil && policy.subject(for: "bob") != nil)
+    }
+
+    @Test func countsSaturateInsteadOfTrapping() {
+        var tally = Tally(totalTokens: .max - 5)
+        tally.add(Usage(promptTokens: 10, completionTokens: 10))
+        #expect(tally.totalTokens == .max && tally.promptTokens == 10)
+        tally.add(Tally(requests: .max, totalTokens: 1))
+        tally.add(Tally(requests: 1))
+        #expect(tally.requests == .max && tally.totalTokens == .max)
+    }
+
     @Test func numbersAreWholeNumbersHoweverWritten() throws {
         let policy = try parse(#"{"k": {"a": {"requests": 1e2}, "b": {"requests": 50.0}}}"#)
         #expect(try limits(policy, "k", "a").requests == 100)
@@ -201,12 +220,25 @@ import Testing
         (#"{"_users": []}"#, "quotas.json: _users must be an object of subkeys, not an array"),
         (#"{"": {}}"#, "quotas.json: a subkey entry has an empty key"),
         (#"{"_global": {}, "_global": {}}"#, "quotas.json: _global appears twice"),
+        (#"{"anonymous": {}}"#, "quotas.json: the subkey 'anonymous' is reserved for requests without a subkey; rename it"),
+        (
+            #"{"k": {"gpt-4o": {"gpt-4o": {"requests": 1}}}}"#,
+            "quotas.json: subkey entry #1 (KEY) → 'gpt-4o' holds 'gpt-4o' as an object, not limits; is a rule nested one level too deep?"
+        ),
+        (
+            #"{"k": {"*": {"requests": 1e30}}}"#,
+            "quotas.json: subkey entry #1 (KEY) → '*' → requests is too large (1e30); use null for no limit"
+        ),
     ])
     func invalidPoliciesAreRejectedNamingTheEntry(document: String, message: String) throws {
-        let expected = message.replacingOccurrences(of: "KEY", with: Caller.hash("k"))
-        #expect(throws: PolicyError(expected)) { try parse(document) }
-        // The message names the entry without the secret itself.
-        #expect(!expected.contains("(k)"))
+        // The subkey is "k" in the table; here it is a longer secret, which the message must not contain.
+        let secret = "s3cr3t-subkey"
+        let expected = message.replacingOccurrences(of: "KEY", with: Caller.hash(secret))
+        let error = #expect(throws: PolicyError.self) {
+            try parse(document.replacingOccurrences(of: #""k""#, with: "\"\(secret)\""))
+        }
+        #expect(error?.message == expected)
+        #expect(error?.message.contains(secret) == false)
     }
 
     @Test func patternsThatCanNeverMatchAreWarnedAbout() throws {

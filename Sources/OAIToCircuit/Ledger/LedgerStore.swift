@@ -12,17 +12,23 @@ public struct Tally: Sendable, Equatable {
         self.totalTokens = totalTokens
     }
 
+    // Sums saturate: a ledger holding absurd counts (hostile usage figures, an old file) must never trap.
     mutating func add(_ usage: Usage) {
-        promptTokens += Int64(usage.promptTokens)
-        completionTokens += Int64(usage.completionTokens)
-        totalTokens += Int64(usage.totalTokens)
+        Self.add(Int64(usage.promptTokens), to: &promptTokens)
+        Self.add(Int64(usage.completionTokens), to: &completionTokens)
+        Self.add(Int64(usage.totalTokens), to: &totalTokens)
     }
 
     mutating func add(_ other: Tally) {
-        requests += other.requests
-        promptTokens += other.promptTokens
-        completionTokens += other.completionTokens
-        totalTokens += other.totalTokens
+        Self.add(other.requests, to: &requests)
+        Self.add(other.promptTokens, to: &promptTokens)
+        Self.add(other.completionTokens, to: &completionTokens)
+        Self.add(other.totalTokens, to: &totalTokens)
+    }
+
+    private static func add(_ value: Int64, to total: inout Int64) {
+        let (sum, overflow) = total.addingReportingOverflow(value)
+        total = overflow ? (value > 0 ? .max : .min) : sum
     }
 
     var isZero: Bool { self == Tally() }
@@ -169,10 +175,11 @@ public struct UsageReportRow: Sendable, Equatable {
     }
 }
 
-/// How a `usage.subkey` value maps to a key id: `anonymous` stays, a policy-file key is hashed. (Managed keys,
-/// whose `usage.subkey` is already their id, will be told apart here when the keys registry lands.)
+/// How a `usage.subkey` value maps to a key id: `anonymous` and a managed key's id stay, a policy-file key is
+/// hashed.
 public enum LedgerKeys {
-    public static func keyID(forLedgerKey key: String) -> String {
-        key == Caller.anonymousKey ? key : SubkeyDigest(key).keyID
+    /// `isManaged` tells a managed key's id (its `usage.subkey` already) from a policy-file key.
+    public static func keyID(forLedgerKey key: String, isManaged: (String) -> Bool = { _ in false }) -> String {
+        key == Caller.anonymousKey || isManaged(key) ? key : SubkeyDigest(key).keyID
     }
 }

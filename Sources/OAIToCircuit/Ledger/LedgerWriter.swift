@@ -1,4 +1,6 @@
+import GRDB
 import Logging
+import ServiceLifecycle
 import Synchronization
 
 /// The one writer of the ledger, with group commit: records that arrive while a transaction is being written wait
@@ -161,8 +163,30 @@ public final class LedgerWriter: Sendable {
         if leads { await lead([], followers: []) }
     }
 
-    /// An error's description without anything a client sent (SQLite messages name tables and columns only).
+    /// An error's description fit for logs and `/health`: for a database error, SQLite's code and message only.
+    /// GRDB's own description may add the statement's arguments or a row's values, which can hold a key.
     static func describe(_ error: any Error) -> String {
-        String(describing: error).split(separator: "\n").first.map(String.init) ?? "unknown error"
+        guard let error = error as? DatabaseError else {
+            return String(describing: type(of: error))
+        }
+        var message = error.message ?? "no message"
+        if let row = message.range(of: " in [") { message = String(message[..<row.lowerBound]) }
+        return "SQLite error \(error.extendedResultCode.rawValue): \(message)"
+    }
+}
+
+extension LedgerWriter: Service {
+    /// How often records kept after a failed commit are tried again when no request comes to carry them.
+    static let retryInterval: Duration = .seconds(1)
+
+    /// Tries kept records again every `retryInterval`, so the ledger (and `/health` with it) recovers even when a
+    /// load balancer, seeing 503, sends no more requests. Ends with graceful shutdown.
+    public func run() async throws {
+        try await cancelWhenGracefulShutdown {
+            while !Task.isCancelled {
+                try? await Task.sleep(for: Self.retryInterval)
+                await self.flush()
+            }
+        }
     }
 }

@@ -30,7 +30,12 @@ public final class SQLiteLedger: LedgerStore {
     public static func open(path: String, readOnly: Bool = false) throws -> SQLiteLedger {
         var configuration = Configuration()
         configuration.label = "ledger"
-        configuration.busyMode = .timeout(5)
+        // Long enough for another process (a report, a key command) to finish its write; short enough that an
+        // answer is not held long while it does.
+        configuration.busyMode = .timeout(2)
+        // The earlier bridge declared foreign keys in key_lifecycle but never enforced them; its files may hold
+        // dangling references, which must not stop this bridge (ours declare none).
+        configuration.foreignKeysEnabled = false
         if readOnly {
             configuration.readonly = true
             let database = try DatabaseQueue(path: path, configuration: configuration)
@@ -41,7 +46,7 @@ public final class SQLiteLedger: LedgerStore {
             try db.execute(sql: "PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 0")
         }
         let database = try DatabaseQueue(path: path, configuration: configuration)
-        try migrator.migrate(database)
+        try migrator.disablingDeferredForeignKeyChecks().migrate(database)
         configuration.label = "ledger-checkpoint"
         let checkpointer = try DatabaseQueue(path: path, configuration: configuration)
         return SQLiteLedger(location: path, database: database, checkpointer: checkpointer)
@@ -92,15 +97,11 @@ public final class SQLiteLedger: LedgerStore {
                         sql: """
                             INSERT INTO usage_period (key_id, model, period, period_start, requests, prompt_tokens,
                               completion_tokens, total_tokens) VALUES (?, ?, 'monthly', ?, ?, ?, ?, ?)
-                            ON CONFLICT DO UPDATE SET requests = requests + excluded.requests,
-                              prompt_tokens = prompt_tokens + excluded.prompt_tokens,
-                              completion_tokens = completion_tokens + excluded.completion_tokens,
-                              total_tokens = total_tokens + excluded.total_tokens
+                            ON CONFLICT (period, period_start, key_id, model) DO UPDATE SET \(addition)
                             """,
                         arguments: [
-                            LedgerKeys.keyID(forLedgerKey: subkey), model, month,
-                            row["requests"] as Int64? ?? 0, row["prompt_tokens"] as Int64? ?? 0,
-                            row["completion_tokens"] as Int64? ?? 0, row["total_tokens"] as Int64? ?? 0,
+                            LedgerKeys.keyID(forLedgerKey: subkey), model, month, count(row, "requests"),
+                            count(row, "prompt_tokens"), count(row, "completion_tokens"), count(row, "total_tokens"),
                         ]
                     )
                 }
@@ -119,7 +120,16 @@ public final class SQLiteLedger: LedgerStore {
             ) {
                 snapshot.lifetime.append(.init(key: row["subkey"], model: row["model"], tally: Self.tally(row)))
             }
-            guard try db.tableExists("usage_period") else { return snapshot }
+            guard try db.tableExists("usage_period") else {
+                // A file of the earlier bridge not yet migrated (read by `quotas check --db` before an upgrade).
+                if try db.tableExists("monthly_usage") {
+                    for row in try Row.fetchAll(db, sql: Self.earlierMonthlySQL, arguments: [month]) {
+                        let key = LedgerKeys.keyID(forLedgerKey: row["subkey"])
+                        snapshot.monthly.append(.init(key: key, model: row["model"], tally: Self.tally(row)))
+                    }
+                }
+                return snapshot
+            }
             let sql = """
                 SELECT key_id, model, requests, prompt_tokens, completion_tokens, total_tokens
                 FROM usage_period WHERE period = ? AND period_start = ?
@@ -136,12 +146,28 @@ public final class SQLiteLedger: LedgerStore {
 
     private static func tally(_ row: Row) -> Tally {
         Tally(
-            requests: row["requests"] ?? 0,
-            promptTokens: row["prompt_tokens"] ?? 0,
-            completionTokens: row["completion_tokens"] ?? 0,
-            totalTokens: row["total_tokens"] ?? 0
+            requests: count(row, "requests"),
+            promptTokens: count(row, "prompt_tokens"),
+            completionTokens: count(row, "completion_tokens"),
+            totalTokens: count(row, "total_tokens")
         )
     }
+
+    /// A counter column as an integer, whatever the file holds: NULL or text is 0, a REAL (an overflowed sum in a
+    /// file of the earlier bridge) is clamped.
+    static func count(_ row: Row, _ column: String) -> Int64 {
+        switch (row[column] as DatabaseValue).storage {
+        case .int64(let value): return value
+        case .double(let value) where value.isFinite:
+            return value >= 9.2e18 ? Int64.max : (value <= -9.2e18 ? Int64.min : Int64(value))
+        default: return 0
+        }
+    }
+
+    static let earlierMonthlySQL = """
+        SELECT subkey, model, usage_month, requests, prompt_tokens, completion_tokens, total_tokens
+        FROM monthly_usage WHERE usage_month = ?
+        """
 
     public func directory() async throws -> KeyDirectory {
         try await database.read { db in
@@ -199,10 +225,28 @@ public final class SQLiteLedger: LedgerStore {
         }
         guard due else { return }
         checkpointer.asyncWriteWithoutTransaction { db in
-            _ = try? db.checkpoint(.passive)
+            let walFrames = (try? db.checkpoint(.passive))?.walFrameCount ?? 0
             self.checkpointState.withLock { $0.running = false }
+            // Under unbroken load a passive checkpoint never catches up with the writer, and the WAL only starts
+            // again once one has. Past a bound, one checkpoint runs between two commits on the writer's own queue,
+            // which always completes and lets the next commit start the WAL from the beginning.
+            if walFrames > Self.maximumWALFrames {
+                self.database.asyncWriteWithoutTransaction { db in _ = try? db.checkpoint(.truncate) }
+            }
         }
     }
+
+    /// About 64 MiB of WAL with 4 KiB pages.
+    static let maximumWALFrames = 16_384
+
+    /// Adds a row's counts to the existing ones, saturating: a sum past SQLite's integer range would become a
+    /// REAL that no later read could take as an integer.
+    static let addition = """
+        requests = min(requests + excluded.requests, \(Int64.max)),
+          prompt_tokens = min(prompt_tokens + excluded.prompt_tokens, \(Int64.max)),
+          completion_tokens = min(completion_tokens + excluded.completion_tokens, \(Int64.max)),
+          total_tokens = min(total_tokens + excluded.total_tokens, \(Int64.max))
+        """
 
     private static func write(
         _ entries: [LedgerEntry],
@@ -236,10 +280,7 @@ public final class SQLiteLedger: LedgerStore {
             sql: """
                 INSERT INTO usage (subkey, model, requests, prompt_tokens, completion_tokens, total_tokens)
                 VALUES (?, ?, ?, ?, ?, ?)
-                ON CONFLICT (subkey, model) DO UPDATE SET requests = requests + excluded.requests,
-                  prompt_tokens = prompt_tokens + excluded.prompt_tokens,
-                  completion_tokens = completion_tokens + excluded.completion_tokens,
-                  total_tokens = total_tokens + excluded.total_tokens
+                ON CONFLICT (subkey, model) DO UPDATE SET \(Self.addition)
                 """
         )
         for (key, tally) in lifetime {
@@ -251,10 +292,7 @@ public final class SQLiteLedger: LedgerStore {
             sql: """
                 INSERT INTO usage_period (key_id, model, period, period_start, requests, prompt_tokens,
                   completion_tokens, total_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-                ON CONFLICT DO UPDATE SET requests = requests + excluded.requests,
-                  prompt_tokens = prompt_tokens + excluded.prompt_tokens,
-                  completion_tokens = completion_tokens + excluded.completion_tokens,
-                  total_tokens = total_tokens + excluded.total_tokens
+                ON CONFLICT (period, period_start, key_id, model) DO UPDATE SET \(Self.addition)
                 """
         )
         for (key, tally) in periods {
@@ -309,7 +347,27 @@ public final class SQLiteLedger: LedgerStore {
                 }
                 return rows
             }
-            guard try db.tableExists("usage_period") else { return [] }
+            guard try db.tableExists("usage_period") else {
+                // A file of the earlier bridge not yet migrated: only its monthly totals have periods.
+                guard query.grouping == .month, query.since == nil, query.until == nil,
+                    try db.tableExists("monthly_usage")
+                else { return [] }
+                var sql =
+                    "SELECT subkey, model, usage_month, requests, prompt_tokens, completion_tokens, total_tokens FROM monthly_usage"
+                var arguments: StatementArguments = []
+                if let model = query.model {
+                    sql += " WHERE model = ?"
+                    arguments += [model]
+                }
+                for row in try Row.fetchAll(db, sql: sql, arguments: arguments) {
+                    let keyID = LedgerKeys.keyID(forLedgerKey: row["subkey"])
+                    if let keep = query.keyIDs, !keep.contains(keyID) { continue }
+                    rows.append(
+                        UsageReportRow(keyID: keyID, model: row["model"], period: row["usage_month"], tally: Self.tally(row))
+                    )
+                }
+                return rows
+            }
             // Dates select daily rows; a month report without dates reads the monthly rows, which also hold the
             // earlier bridge's history.
             let useMonthly = query.grouping == .month && query.since == nil && query.until == nil

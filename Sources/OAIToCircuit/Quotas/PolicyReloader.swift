@@ -35,9 +35,11 @@ public final class PolicyReloader: Service, Sendable {
     public let outcomes: AsyncStream<Outcome>
     private let outcomeSink: AsyncStream<Outcome>.Continuation
 
-    /// `enforcer` already holds the policy loaded at start.
-    public init(
+    /// `enforcer` already holds the policy loaded at start; `stamp` is the file as it was just before that load
+    /// (so an edit made meanwhile is still noticed).
+    init(
         source: PolicySource,
+        stamp: FileStamp?,
         enforcer: QuotaEnforcer,
         store: (any LedgerStore)?,
         pollInterval: Duration = .seconds(2),
@@ -57,7 +59,7 @@ public final class PolicyReloader: Service, Sendable {
             error: nil,
             fileExists: source.exists
         )
-        self.state = Mutex((status, source.stamp))
+        self.state = Mutex((status, stamp))
         (self.outcomes, self.outcomeSink) = AsyncStream.makeStream(bufferingPolicy: .bufferingNewest(16))
     }
 
@@ -96,7 +98,10 @@ public final class PolicyReloader: Service, Sendable {
     public func reload(trigger: String) async {
         let stamp = source.stamp
         let outcome: Outcome
-        do {
+        do throws(PolicyError) {
+            // A file that vanished is far more likely a mistake (or a tool's delete-then-write) than a wish to
+            // refuse everyone: the policy in force stays. (At start, a missing file is an empty policy.)
+            guard source.exists else { throw PolicyError("\(source): no such file") }
             let policy = try source.load()
             enforcer.replace(policy: policy)
             state.withLock { state in

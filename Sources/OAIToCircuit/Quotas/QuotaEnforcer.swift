@@ -99,7 +99,8 @@ public final class QuotaEnforcer: SubkeyAuthorizer, AdmissionPolicy {
         let month = PeriodCalendar.month(ofDay: day)
         state.withLock { state in
             for row in snapshot.lifetime {
-                let key = CounterKey(keyID: LedgerKeys.keyID(forLedgerKey: row.key), model: row.model)
+                let keyID = LedgerKeys.keyID(forLedgerKey: row.key) { registry?.contains(keyID: $0) ?? false }
+                let key = CounterKey(keyID: keyID, model: row.model)
                 // Several `usage.subkey` values never map to one id, but adding keeps this total if one day they do.
                 state.counters[key, default: Counter(day: day, month: month)].lifetime.add(row.tally)
             }
@@ -298,6 +299,8 @@ public struct ManagedKey: Sendable {
 /// enforcer's lock on every request, so they must be in memory and never block.
 public protocol KeyRegistry: Sendable {
     func key(for digest: SubkeyDigest) -> ManagedKey?
+    /// Whether `keyID` is a managed key's id (the ledger's `usage.subkey` for it).
+    func contains(keyID: String) -> Bool
     /// Changes whenever a key's rules or state change, so the enforcer knows its cached limits are stale.
     var generation: Int { get }
 }

@@ -135,7 +135,7 @@ public struct QuotaInspector: Sendable {
             out += "\n\(count(refused.count, "subkey")) in this policy that key_lifecycle marks revoked or replaced "
             out += "(refused): " + refused.map { "#\($0.ordinal) \($0.keyID)" }.joined(separator: ", ") + "\n"
         }
-        let unknown = Set(ledgerKeys.map(LedgerKeys.keyID(forLedgerKey:))).subtracting(policy.subjects.values.map(\.keyID))
+        let unknown = Set(ledgerKeys.map { LedgerKeys.keyID(forLedgerKey: $0) }).subtracting(policy.subjects.values.map(\.keyID))
             .subtracting([Caller.anonymousKey])
         if !unknown.isEmpty {
             out += "\n\(count(unknown.count, "key")) with usage in the ledger but not in this policy (refused if presented).\n"

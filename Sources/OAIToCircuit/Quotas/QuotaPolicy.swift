@@ -261,15 +261,19 @@ public struct QuotaPolicy: Sendable {
                     }
                     var seenUsers: Set<String> = []
                     for user in users {
+                        if user.key.hasPrefix("_") {
+                            ignoredEntries += 1
+                            continue
+                        }
                         guard seenUsers.insert(user.key).inserted else {
                             throw PolicyError("\(source): _users: \(subkeyName(user.key)) appears twice")
                         }
-                        try parseUser(user.key, user.value, structured: true)
+                        try parseUser(user.key, user.value)
                     }
                 case _ where member.key.hasPrefix("_"):
                     ignoredEntries += 1
                 default:
-                    try parseUser(member.key, member.value, structured: false)
+                    try parseUser(member.key, member.value)
                 }
             }
             try finish()
@@ -307,18 +311,22 @@ public struct QuotaPolicy: Sendable {
             }
         }
 
-        /// A subkey's entry: a map of rules, or (structured) an object with `template` and `rules`.
-        mutating func parseUser(_ subkey: String, _ value: JSONValue, structured: Bool) throws(PolicyError) {
+        /// A subkey's entry, at the top level or under `_users`: a map of rules, or an object with `template`
+        /// and/or `rules` (as the earlier bridge read both places).
+        mutating func parseUser(_ subkey: String, _ value: JSONValue) throws(PolicyError) {
             let at = subkeyName(subkey)
             guard !subkey.isEmpty else { throw PolicyError("\(source): a subkey entry has an empty key") }
+            guard subkey != Caller.anonymousKey else {
+                throw PolicyError(
+                    "\(source): the subkey 'anonymous' is reserved for requests without a subkey; rename it"
+                )
+            }
             guard case .object(let fields) = value else {
                 throw PolicyError("\(source): \(at) must be an object of model rules, not \(value.kind)")
             }
             var template: String?
             var rules: [(pattern: ModelPattern, rule: QuotaRule)] = []
-            let isStructured =
-                structured
-                && fields.contains { ["rules", "template", "backend_id", "backend"].contains($0.key) }
+            let isStructured = fields.contains { ["rules", "template", "backend_id", "backend"].contains($0.key) }
             if isStructured {
                 for field in fields {
                     switch field.key {
@@ -401,12 +409,24 @@ public struct QuotaPolicy: Sendable {
                     ignoredFields.insert(field.key)
                 }
             }
+            // No limit field but an object inside: a model's rules written one level too deep, which would
+            // otherwise pass as "no limits".
+            if rule.requests == nil, rule.totalTokens == nil, rule.period == nil,
+                let nested = fields.first(where: { if case .object = $0.value { true } else { false } })
+            {
+                throw PolicyError(
+                    "\(source): \(at) holds '\(nested.key)' as an object, not limits; is a rule nested one level too deep?"
+                )
+            }
             return rule
         }
 
         func limit(_ value: JSONValue, at: String) throws(PolicyError) -> QuotaLimit {
             if value == .null { return .unlimited }
             guard let number = value.integer else {
+                if case .number(let text) = value, let double = Double(text), double.rounded() == double {
+                    throw PolicyError("\(source): \(at) is too large (\(text)); use null for no limit")
+                }
                 throw PolicyError("\(source): \(at) must be a whole number or null, not \(value.kind)")
             }
             return .limit(number)

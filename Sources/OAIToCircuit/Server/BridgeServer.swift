@@ -94,6 +94,7 @@ public enum BridgeServer {
         logger: Logger
     ) async throws -> Assembly {
         let source = PolicySource(configuration)
+        let stamp = source.stamp
         let policy: QuotaPolicy
         do {
             policy = try source.load()
@@ -134,6 +135,7 @@ public enum BridgeServer {
         )
         let reloader = PolicyReloader(
             source: source,
+            stamp: stamp,
             enforcer: enforcer,
             store: store,
             pollInterval: policyPollInterval,
@@ -269,7 +271,7 @@ public enum BridgeServer {
             // Shutdown runs in reverse: the listeners stop (finishing in-flight requests, which still commit to the
             // ledger) before the reloader.
             var group = ServiceGroupConfiguration(
-                services: [.init(service: assembly.reloader), .init(service: services)],
+                services: [.init(service: assembly.writer), .init(service: assembly.reloader), .init(service: services)],
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger
             )

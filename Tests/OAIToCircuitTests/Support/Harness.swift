@@ -121,7 +121,11 @@ struct Harness {
             let (ports, portSource) = AsyncStream<(BridgeServer.Scheme, Int)>.makeStream()
             let services = try BridgeServer.listeners(for: bridge) { scheme, port in portSource.yield((scheme, port)) }
             let group = ServiceGroup(
-                configuration: .init(services: [assembly.reloader, services], gracefulShutdownSignals: [], logger: logger)
+                configuration: .init(
+                    services: [assembly.writer, assembly.reloader, services],
+                    gracefulShutdownSignals: [],
+                    logger: logger
+                )
             )
             // If a listener cannot bind, the group ends: finishing the port stream then keeps the wait below from hanging.
             async let running: Void = {

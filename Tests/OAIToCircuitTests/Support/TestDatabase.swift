@@ -17,9 +17,11 @@ enum TestDatabase {
         try rows(path, sql, arguments).first?[0] ?? 0
     }
 
-    /// Runs SQL as the earlier bridge would have (no WAL, no migrations).
+    /// Runs SQL as the earlier bridge (Python's sqlite3) would have: no WAL, no migrations, foreign keys unchecked.
     static func execute(_ path: String, _ sql: String, _ arguments: StatementArguments = []) throws {
-        let queue = try DatabaseQueue(path: path)
+        var configuration = Configuration()
+        configuration.foreignKeysEnabled = false
+        let queue = try DatabaseQueue(path: path, configuration: configuration)
         defer { try? queue.close() }
         try queue.write { try $0.execute(sql: sql, arguments: arguments) }
     }
