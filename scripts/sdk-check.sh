@@ -82,7 +82,8 @@ bridge_env=(env -i "PATH=$PATH" "HOME=${HOME:-/tmp}"
 # The subkeys sdk_check.py uses: o3 blocked for one, one gpt-4o request a day for another.
 cat >"$work/quotas.json" <<'EOF'
 {"team-member-subkey": {"o3": {"requests": 0}},
- "limited-subkey": {"gpt-4o": {"requests": 1, "period": "daily"}}}
+ "limited-subkey": {"gpt-4o": {"requests": 1, "period": "daily"}},
+ "once-subkey": {"gpt-4o": {"requests": 1}}}
 EOF
 
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
@@ -138,6 +139,7 @@ PYEOF
 cat >"$work/quotas.json" <<'EOF'
 {"team-member-subkey": {"o3": {"requests": 0}},
  "limited-subkey": {"gpt-4o": {"requests": 1, "period": "daily"}},
+ "once-subkey": {"gpt-4o": {"requests": 1}},
  "new-member": {}}
 EOF
 kill -HUP "$bridge_pid"
@@ -147,6 +149,7 @@ if kill -0 "$bridge_pid" 2>/dev/null && grep -q 'quota policy loaded.*trigger=SI
 else fail "quotas: SIGHUP did not reload the policy"; fi
 
 # Every answer a client received is in the ledger, even when the bridge is killed right after.
+once=$(chat once-subkey gpt-4o)
 for _ in $(seq 20); do chat new-member gpt-4o-mini >/dev/null; done
 kill -KILL "$bridge_pid"; wait "$bridge_pid" 2>/dev/null || true; bridge_pid=
 counted=$(python3 -c 'import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute(
@@ -154,12 +157,13 @@ counted=$(python3 -c 'import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).ex
 if [[ $counted == 20 ]]; then pass "ledger: 20 answers, SIGKILL, 20 in the ledger"
 else fail "ledger: $counted of 20 answers in the ledger after SIGKILL"; fi
 start_bridge
-if wait_healthy && [[ $(chat limited-subkey gpt-4o) == 429 ]]; then pass "quotas: a used-up daily limit survives a restart"
-else fail "quotas: the daily limit was forgotten across a restart"; fi
+# A lifetime limit, so that the check means the same on either side of midnight.
+if wait_healthy && [[ $once == 200 && $(chat once-subkey gpt-4o) == 429 ]]; then pass "quotas: a used-up limit survives a restart"
+else fail "quotas: a used-up limit was forgotten across a restart"; fi
 
 # The operator commands, on the same files.
 if "$BRIDGE" quotas check "$work/quotas.json" --db "$work/quota.db" >"$work/check.out" 2>&1 \
-    && grep -q 'valid; 3 subkeys' "$work/check.out" && ! grep -q 'member' "$work/check.out"; then
+    && grep -q 'valid; 4 subkeys' "$work/check.out" && ! grep -q 'member' "$work/check.out"; then
     pass "quotas check: valid, no plaintext key"
 else fail "quotas check: $(head -c 500 "$work/check.out")"; fi
 if "$BRIDGE" usage report --db "$work/quota.db" --by model --format json >"$work/report.json" 2>&1 \
