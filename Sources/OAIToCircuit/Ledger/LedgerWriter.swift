@@ -9,9 +9,9 @@ import Synchronization
 /// of those that waited meanwhile writes all of theirs, and so on.
 ///
 /// `commit(_:)` returns once its record is durable. A failed transaction is logged and counted, its records are
-/// kept (up to `maximumUnwritten`) and written with the next one, and `/health` reports the database unusable until
-/// a commit succeeds again; the waiting requests are answered all the same (bookkeeping never holds an answer
-/// back for ever).
+/// kept (up to `maximumUnwritten`) and written with the next one or by the writer's retry every second (it is a
+/// `Service`), and `/health` reports the database unusable until a commit succeeds again; the waiting requests are
+/// answered all the same (bookkeeping never holds an answer back for ever).
 public final class LedgerWriter: Sendable {
     /// How many records a failing database may hold in memory for a later attempt; beyond that the oldest go.
     static let maximumUnwritten = 100_000
