@@ -43,7 +43,10 @@ public final class SQLiteLedger: LedgerStore {
         }
         configuration.journalMode = .wal
         configuration.prepareDatabase { db in
-            try db.execute(sql: "PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 0")
+            // The WAL file is cut back to this size when it starts again (it would otherwise keep its largest size).
+            try db.execute(
+                sql: "PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 33554432"
+            )
         }
         let database = try DatabaseQueue(path: path, configuration: configuration)
         try migrator.disablingDeferredForeignKeyChecks().migrate(database)
@@ -227,17 +230,18 @@ public final class SQLiteLedger: LedgerStore {
         checkpointer.asyncWriteWithoutTransaction { db in
             let walFrames = (try? db.checkpoint(.passive))?.walFrameCount ?? 0
             self.checkpointState.withLock { $0.running = false }
-            // Under unbroken load a passive checkpoint never catches up with the writer, and the WAL only starts
-            // again once one has. Past a bound, one checkpoint runs between two commits on the writer's own queue,
-            // which always completes and lets the next commit start the WAL from the beginning.
+            // Under unbroken load a checkpoint beside the writer never quite catches up, and the WAL starts again
+            // only once one has (with no commit in between). Past a bound, a second checkpoint runs between two
+            // commits on the writer's own queue: it copies only what the first could not (little), and lets the
+            // next commit start the WAL from the beginning.
             if walFrames > Self.maximumWALFrames {
-                self.database.asyncWriteWithoutTransaction { db in _ = try? db.checkpoint(.truncate) }
+                self.database.asyncWriteWithoutTransaction { db in _ = try? db.checkpoint(.passive) }
             }
         }
     }
 
-    /// About 64 MiB of WAL with 4 KiB pages.
-    static let maximumWALFrames = 16_384
+    /// About 16 MiB of WAL with 4 KiB pages.
+    static let maximumWALFrames = 4_096
 
     /// Adds a row's counts to the existing ones, saturating: a sum past SQLite's integer range would become a
     /// REAL that no later read could take as an integer.
