@@ -42,7 +42,7 @@ public enum PeriodCalendar {
 
     /// ISO 8601 in UTC with microseconds, as Splunk events carry it: `2026-11-29T10:30:45.123456Z`.
     public static func timestamp(_ epochSeconds: Double) -> String {
-        let micros = Int64((epochSeconds * 1_000_000).rounded(.down))
+        let micros = Int64((epochSeconds * 1_000_000).rounded())
         let secondsOfEpoch = micros >= 0 ? micros / 1_000_000 : (micros - 999_999) / 1_000_000
         let fraction = Int(micros - secondsOfEpoch * 1_000_000)
         let day = Int(secondsOfEpoch >= 0 ? secondsOfEpoch / 86_400 : (secondsOfEpoch - 86_399) / 86_400)
