@@ -1,0 +1,60 @@
+import NIOCore
+import Testing
+
+@testable import OAIToCircuit
+
+/// The delivery rules of the Splunk issue, as plain values: what each answer of Splunk means, backoff, batch size.
+@Suite struct HECDeliveryTests {
+    func verdict(_ status: Int, _ body: String?) -> HECVerdict {
+        HECVerdict.of(status: status, body: body.map { ByteBuffer(string: $0) })
+    }
+
+    @Test func answersMapToWhatTheShipperDoes() {
+        #expect(verdict(200, #"{"text": "Success", "code": 0}"#) == .delivered)
+        #expect(verdict(503, #"{"text": "Server is busy", "code": 9}"#) == .retry(reason: "Splunk answered 503 (code 9)"))
+        #expect(verdict(429, nil) == .retry(reason: "Splunk answered 429"))
+        #expect(verdict(408, "") == .retry(reason: "Splunk answered 408"))
+        #expect(verdict(413, nil) == .tooLarge)
+        guard case .paused(let token) = verdict(403, #"{"text": "Invalid token", "code": 4}"#) else {
+            Issue.record("403 must pause")
+            return
+        }
+        #expect(token.contains("SPLUNK_HEC_TOKEN") && token.contains("code 4"))
+        guard case .paused = verdict(401, #"{"text": "Token is required", "code": 2}"#) else {
+            Issue.record("401 must pause")
+            return
+        }
+        guard case .paused(let index) = verdict(400, #"{"text": "Incorrect index", "code": 7, "invalid-event-number": 0}"#)
+        else {
+            Issue.record("code 7 must pause")
+            return
+        }
+        #expect(index.contains("SPLUNK_INDEX"))
+        guard case .paused(let path) = verdict(404, nil) else {
+            Issue.record("404 must pause")
+            return
+        }
+        #expect(path.contains("/services/collector/event"))
+        let bad = #"{"text": "Invalid data format", "code": 6, "invalid-event-number": 3}"#
+        #expect(verdict(400, bad) == .rejected(eventNumber: 3, answer: bad))
+        #expect(verdict(400, #"{"text": "No data", "code": 5}"#) == .malformed(answer: #"{"text": "No data", "code": 5}"#))
+        #expect(verdict(400, "not json") == .malformed(answer: "not json"))
+    }
+
+    @Test func backoffDoublesFromOneSecondToAMinuteWithJitter() {
+        var backoff = HECBackoff()
+        let steps = (0..<9).map { _ in backoff.next(unit: 0.999_999) }
+        #expect(steps.map { Int(($0 / .seconds(1)).rounded()) } == [1, 2, 4, 8, 16, 32, 60, 60, 60])
+        backoff.reset()
+        #expect(backoff.next(unit: 0) == .milliseconds(500))
+        #expect(backoff.next(unit: 0.5) == .milliseconds(1500))
+    }
+
+    @Test func batchesStopAtTheEventOrByteLimit() {
+        #expect(HECBatch.count(sizes: [100, 100, 100], maximumEvents: 500, maximumBytes: 1 << 20) == 3)
+        #expect(HECBatch.count(sizes: Array(repeating: 10, count: 600), maximumEvents: 500, maximumBytes: 1 << 20) == 500)
+        #expect(HECBatch.count(sizes: [400, 400, 400], maximumEvents: 500, maximumBytes: 1000) == 2)
+        #expect(HECBatch.count(sizes: [5000, 10], maximumEvents: 500, maximumBytes: 1000) == 1)
+        #expect(HECBatch.count(sizes: [Int](), maximumEvents: 500, maximumBytes: 1000) == 0)
+    }
+}
