@@ -47,7 +47,9 @@ import Testing
         ("MAX_REQUEST_BYTES", "0"), ("SHUTDOWN_GRACE_SECONDS", "soon"), ("LOG_LEVEL", "loud"), ("CIRCUIT_BASE", "ftp://x"),
         ("CIRCUIT_BASE", "not a url"), ("TOKEN_URL", "https://id.example/token?x=1"), ("SPLUNK_HEC_URL", "splunk:8088"),
         ("CIRCUIT_MODELS", "gpt-4o,../x"), ("CIRCUIT_MODELS", " , "), ("API_VERSION", "2025&x=1"),
-        ("UPSTREAM_MAX_CONNECTIONS", "0"),
+        ("UPSTREAM_MAX_CONNECTIONS", "0"), ("USAGE_LOG_RETENTION_DAYS", "0"), ("SPLUNK_HEC_CHANNEL", "channel-1"),
+        ("SPLUNK_BATCH_MAX_EVENTS", "0"), ("SPLUNK_BATCH_MAX_BYTES", "1"), ("SPLUNK_FLUSH_INTERVAL_MS", "soon"),
+        ("SPLUNK_HEC_GZIP", "zip"), ("SPLUNK_HEC_TIMEOUT_SECONDS", "0"), ("SPLUNK_SPOOL_MAX_EVENTS", "10"),
     ])
     func invalidValuesNameTheVariable(_ name: String, _ value: String) {
         #expect {
@@ -167,9 +169,33 @@ import Testing
         // Every variable the bridge reads is documented there (and so in the README's table).
         for name in [
             "CIRCUIT_CLIENT_ID", "UPSTREAM_TIMEOUT_SECONDS", "UPSTREAM_MAX_CONNECTIONS", "SHUTDOWN_GRACE_SECONDS",
-            "MAX_REQUEST_BYTES", "CORS_ALLOW_ORIGINS", "CIRCUIT_MODELS", "SPLUNK_VERIFY_SSL",
+            "MAX_REQUEST_BYTES", "CORS_ALLOW_ORIGINS", "CIRCUIT_MODELS", "SPLUNK_VERIFY_SSL", "USAGE_LOG_RETENTION_DAYS",
+            "SPLUNK_BATCH_MAX_EVENTS", "SPLUNK_BATCH_MAX_BYTES", "SPLUNK_FLUSH_INTERVAL_MS", "SPLUNK_HEC_GZIP",
+            "SPLUNK_HEC_TIMEOUT_SECONDS", "SPLUNK_SPOOL_MAX_EVENTS",
         ] {
             #expect(values[name] != nil, "\(name) missing from the example")
         }
+    }
+
+    @Test func splunkDeliverySettings() throws {
+        let defaults = try BridgeConfiguration(environment: [:]).splunk
+        #expect(!defaults.isEnabled && defaults.eventURL == nil)
+        #expect(defaults.batchMaxEvents == 500 && defaults.batchMaxBytes == 1 << 20 && defaults.flushInterval == .seconds(1))
+        #expect(
+            defaults.gzip && defaults.timeout == .seconds(5) && defaults.spoolMaxEvents == 1_000_000 && defaults.channel == nil
+        )
+        let set = try BridgeConfiguration(environment: [
+            "SPLUNK_HEC_URL": "https://splunk.example:8088", "SPLUNK_HEC_TOKEN": "t", "SPLUNK_BATCH_MAX_EVENTS": "50",
+            "SPLUNK_BATCH_MAX_BYTES": "65536", "SPLUNK_FLUSH_INTERVAL_MS": "250", "SPLUNK_HEC_GZIP": "off",
+            "SPLUNK_HEC_TIMEOUT_SECONDS": "2.5", "SPLUNK_SPOOL_MAX_EVENTS": "5000",
+            "SPLUNK_HEC_CHANNEL": "0C9A5C5E-8E4B-4B7A-9F8B-2B5C3D7E1A4F",
+        ]).splunk
+        #expect(set.isEnabled && set.eventURL == "https://splunk.example:8088/services/collector/event")
+        #expect(set.batchMaxEvents == 50 && set.batchMaxBytes == 65536 && set.flushInterval == .milliseconds(250))
+        #expect(!set.gzip && set.timeout == .milliseconds(2500) && set.spoolMaxEvents == 5000)
+        #expect(set.channel == "0C9A5C5E-8E4B-4B7A-9F8B-2B5C3D7E1A4F")
+        // A URL with a path is used as it is.
+        let path = try BridgeConfiguration(environment: ["SPLUNK_HEC_URL": "https://splunk.example/services/collector/"]).splunk
+        #expect(path.eventURL == "https://splunk.example/services/collector")
     }
 }

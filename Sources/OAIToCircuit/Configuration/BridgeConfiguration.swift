@@ -1,3 +1,4 @@
+import Foundation
 import Logging
 
 /// Everything `serve` needs, read once at start from flags and the environment.
@@ -61,8 +62,25 @@ public struct BridgeConfiguration: Sendable {
         public var sourcetype = "llm:usage"
         public var index = "main"
         public var verifyTLS = true
+        /// Sent as `X-Splunk-Request-Channel` when set (a GUID, as Splunk requires).
+        public var channel: String?
+        public var batchMaxEvents = 500
+        public var batchMaxBytes = 1 << 20
+        /// The longest an event waits before its batch is sent.
+        public var flushInterval: Duration = .seconds(1)
+        public var gzip = true
+        public var timeout: Duration = .seconds(5)
+        /// Events kept for delivery at most; past it new events are dropped and counted.
+        public var spoolMaxEvents = 1_000_000
         public var isEnabled: Bool { url != nil && token != nil }
         public init() {}
+
+        /// Where events go: `SPLUNK_HEC_URL`, with `/services/collector/event` when it names no path.
+        public var eventURL: String? {
+            guard let url else { return nil }
+            let path = URLComponents(string: url.string)?.path ?? ""
+            return path.isEmpty || path == "/" ? url.appending(path: "/services/collector/event") : url.string
+        }
     }
 
     public init() {
@@ -131,6 +149,22 @@ public struct BridgeConfiguration: Sendable {
         if let sourcetype = env["SPLUNK_SOURCETYPE"] { self.splunk.sourcetype = sourcetype }
         if let index = env["SPLUNK_INDEX"] { self.splunk.index = index }
         if let verify = try env.bool("SPLUNK_VERIFY_SSL") { self.splunk.verifyTLS = verify }
+        if let channel = env["SPLUNK_HEC_CHANNEL"] {
+            guard UUID(uuidString: channel) != nil else {
+                throw ConfigurationError("SPLUNK_HEC_CHANNEL", "must be a GUID such as 0C9A5C5E-8E4B-4B7A-9F8B-2B5C3D7E1A4F")
+            }
+            self.splunk.channel = channel
+        }
+        if let events = try env.integer("SPLUNK_BATCH_MAX_EVENTS", in: 1...100_000) { self.splunk.batchMaxEvents = events }
+        if let bytes = try env.integer("SPLUNK_BATCH_MAX_BYTES", in: 1024...(64 << 20)) { self.splunk.batchMaxBytes = bytes }
+        if let interval = try env.integer("SPLUNK_FLUSH_INTERVAL_MS", in: 1...600_000) {
+            self.splunk.flushInterval = .milliseconds(interval)
+        }
+        if let gzip = try env.bool("SPLUNK_HEC_GZIP") { self.splunk.gzip = gzip }
+        if let timeout = try env.seconds("SPLUNK_HEC_TIMEOUT_SECONDS") { self.splunk.timeout = timeout }
+        if let spool = try env.integer("SPLUNK_SPOOL_MAX_EVENTS", in: 1000...1_000_000_000) {
+            self.splunk.spoolMaxEvents = spool
+        }
     }
 
     /// The swift-log level for a `LOG_LEVEL` value; accepts the earlier bridge's Python names too.
