@@ -61,6 +61,26 @@ import Testing
         }
     }
 
+    @Test func sighupReReadsTheEarlierBridgesKeyStatesAndNames() async throws {
+        try await Harness.with(environment: ["QUOTAS_JSON": #"{"alice": {}, "bob": {}}"#]) { harness async throws in
+            #expect(try await harness.chat(Harness.chatBody(), subkey: "alice").status == 200)
+            // The earlier bridge's tools revoke alice and name bob, in the same file, while this bridge runs.
+            try TestDatabase.execute(harness.databasePath, TestDatabase.earlierNewerTables)
+            try TestDatabase.execute(
+                harness.databasePath,
+                """
+                INSERT INTO key_lifecycle (subkey, status, revoke_reason) VALUES ('alice', 'revoked', 'left');
+                INSERT INTO subkey_names (subkey, friendly_name, email) VALUES ('bob', 'Bob', 'bob@example.com');
+                """
+            )
+            await harness.assembly.reloader.reload(trigger: "SIGHUP")
+            expectError(try await harness.chat(Harness.chatBody(), subkey: "alice"), status: 403, code: "unauthorized_subkey")
+            #expect(try await harness.chat(Harness.chatBody(), subkey: "bob").status == 200)
+            let bob = try #require(await harness.recorder.usage.entries.last)
+            #expect(bob.caller.friendlyName == "Bob" && bob.caller.email == "bob@example.com")
+        }
+    }
+
     @Test func aChangedFileIsNoticedWithoutASignal() async throws {
         let directory = try Harness.temporaryDirectory()
         defer { try? FileManager.default.removeItem(at: directory) }

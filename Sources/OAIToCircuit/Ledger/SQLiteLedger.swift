@@ -174,6 +174,8 @@ public final class SQLiteLedger: LedgerStore {
 
     public func directory() async throws -> KeyDirectory {
         try await database.read { db in
+            // The earlier bridge's tools may have made these tables since this connection last looked.
+            db.clearSchemaCache()
             var directory = KeyDirectory()
             if try db.tableExists("subkey_names") {
                 let hasEmail = try db.columns(in: "subkey_names").contains { $0.name == "email" }
