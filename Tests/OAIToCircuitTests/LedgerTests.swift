@@ -216,6 +216,32 @@ import Testing
         try await store.close()
     }
 
+    /// Under commits back to back (a busy bridge), a checkpoint beside the writer never lets the WAL start again;
+    /// the bound does. Run once without it, to show the test can tell.
+    @Test(arguments: [false, true]) func theWALStaysBoundedUnderUnbrokenLoad(bounded: Bool) async throws {
+        let directory = try Harness.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("quota.db").path
+        let store = try SQLiteLedger.open(path: path, readOnly: false, walFrameLimit: bounded ? 1024 : .max)
+        var largest = 0
+        for index in 0..<3000 {
+            var entry = Self.entry(model: "m\(index % 50)")
+            entry.ledgerKey = "key-\(index % 40)"
+            _ = try await store.commit([entry], purgingLogBefore: nil, purgeLimit: 0)
+            if index % 100 == 99 {
+                let attributes = try? FileManager.default.attributesOfItem(atPath: path + "-wal")
+                largest = max(largest, attributes?[.size] as? Int ?? 0)
+            }
+        }
+        try await store.close()
+        // 1024 frames is 4 MiB: one more cycle of checkpoints at most beyond it.
+        if bounded {
+            #expect(largest < 12 << 20, "largest WAL \(largest) bytes")
+        } else {
+            #expect(largest > 12 << 20, "largest WAL \(largest) bytes")
+        }
+    }
+
     static func entry(model: String) -> LedgerEntry {
         let caller = Caller(subkey: "k")
         let record = UsageRecord(

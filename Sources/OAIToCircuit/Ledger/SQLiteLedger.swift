@@ -19,15 +19,23 @@ public final class SQLiteLedger: LedgerStore {
     /// Commits between checkpoints: a few pages each, so the WAL stays around a thousand pages, SQLite's default.
     static let commitsPerCheckpoint = 200
 
-    private init(location: String, database: DatabaseQueue, checkpointer: DatabaseQueue?) {
+    /// WAL frames past which a checkpoint runs between two commits (`maximumWALFrames`; tests change it).
+    private let walFrameLimit: Int
+
+    private init(location: String, database: DatabaseQueue, checkpointer: DatabaseQueue?, walFrameLimit: Int) {
         self.location = location
         self.database = database
         self.checkpointer = checkpointer
+        self.walFrameLimit = walFrameLimit
     }
 
     /// Opens (creating if needed) and migrates the database. `readOnly` opens an existing file for reports
     /// without changing it.
     public static func open(path: String, readOnly: Bool = false) throws -> SQLiteLedger {
+        try open(path: path, readOnly: readOnly, walFrameLimit: maximumWALFrames)
+    }
+
+    static func open(path: String, readOnly: Bool, walFrameLimit: Int) throws -> SQLiteLedger {
         var configuration = Configuration()
         configuration.label = "ledger"
         // Long enough for another process (a report, a key command) to finish its write; short enough that an
@@ -39,7 +47,7 @@ public final class SQLiteLedger: LedgerStore {
         if readOnly {
             configuration.readonly = true
             let database = try DatabaseQueue(path: path, configuration: configuration)
-            return SQLiteLedger(location: path, database: database, checkpointer: nil)
+            return SQLiteLedger(location: path, database: database, checkpointer: nil, walFrameLimit: walFrameLimit)
         }
         configuration.journalMode = .wal
         configuration.prepareDatabase { db in
@@ -52,7 +60,7 @@ public final class SQLiteLedger: LedgerStore {
         try migrator.disablingDeferredForeignKeyChecks().migrate(database)
         configuration.label = "ledger-checkpoint"
         let checkpointer = try DatabaseQueue(path: path, configuration: configuration)
-        return SQLiteLedger(location: path, database: database, checkpointer: checkpointer)
+        return SQLiteLedger(location: path, database: database, checkpointer: checkpointer, walFrameLimit: walFrameLimit)
     }
 
     /// Versioned migrations; each runs once per file, recorded in `grdb_migrations`.
@@ -236,7 +244,7 @@ public final class SQLiteLedger: LedgerStore {
             // only once one has (with no commit in between). Past a bound, a second checkpoint runs between two
             // commits on the writer's own queue: it copies only what the first could not (little), and lets the
             // next commit start the WAL from the beginning.
-            if walFrames > Self.maximumWALFrames {
+            if walFrames > self.walFrameLimit {
                 self.database.asyncWriteWithoutTransaction { db in _ = try? db.checkpoint(.passive) }
             }
         }
