@@ -52,27 +52,25 @@ extension HealthReport {
     /// `database` and `quotas` members: 503 when the ledger cannot commit; a rejected policy reload shows, but the
     /// bridge stays healthy (the previous policy is in force).
     static func of(ledger: LedgerWriter.Health, location: String, policy: PolicyReloader.Status) -> HealthReport {
-        var database: [UInt8] = Array(#"{"status": "#.utf8)
-        database += Array((ledger.isHealthy ? #""ok""# : #""error""#).utf8)
-        database += Array(#", "path": "#.utf8)
-        JSONString.encode(location, into: &database)
-        database += Array(#", "unwritten_records": \#(ledger.unwritten), "dropped_records": \#(ledger.droppedRecords)"#.utf8)
-        database += Array(#", "last_error": "#.utf8)
-        if let error = ledger.lastError { JSONString.encode(error, into: &database) } else { database += Array("null".utf8) }
-        database.append(UInt8(ascii: "}"))
+        var database = JSONObjectWriter()
+        database.string("status", ledger.isHealthy ? "ok" : "error")
+        database.string("path", location)
+        database.number("unwritten_records", exact: String(ledger.unwritten))
+        database.number("dropped_records", exact: String(ledger.droppedRecords))
+        database.string("last_error", ledger.lastError)
 
-        var quotas: [UInt8] = Array(#"{"source": "#.utf8)
-        JSONString.encode(policy.source, into: &quotas)
-        quotas += Array(#", "file_exists": \#(policy.fileExists), "subkeys": \#(policy.subkeys), "loaded_at": "#.utf8)
-        JSONString.encode(PeriodCalendar.timestamp(policy.loadedAt), into: &quotas)
-        quotas += Array(#", "reload_error": "#.utf8)
-        if let error = policy.error { JSONString.encode(error, into: &quotas) } else { quotas += Array("null".utf8) }
-        quotas.append(UInt8(ascii: "}"))
+        var quotas = JSONObjectWriter()
+        quotas.string("source", policy.source)
+        quotas.bool("file_exists", policy.fileExists)
+        quotas.number("subkeys", exact: String(policy.subkeys))
+        quotas.string("loaded_at", PeriodCalendar.timestamp(policy.loadedAt))
+        quotas.string("reload_error", policy.error)
 
         return HealthReport(
             isHealthy: ledger.isHealthy,
             fields: [
-                ("database", String(decoding: database, as: UTF8.self)), ("quotas", String(decoding: quotas, as: UTF8.self)),
+                ("database", String(decoding: database.finish(), as: UTF8.self)),
+                ("quotas", String(decoding: quotas.finish(), as: UTF8.self)),
             ]
         )
     }

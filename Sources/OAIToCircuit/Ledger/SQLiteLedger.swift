@@ -348,39 +348,14 @@ public final class SQLiteLedger: LedgerStore {
             let byPeriod = query.since != nil || query.until != nil || query.grouping == .day || query.grouping == .month
             if !byPeriod {
                 guard try db.tableExists("usage") else { return [] }
-                var sql = "SELECT subkey, model, requests, prompt_tokens, completion_tokens, total_tokens FROM usage"
-                var arguments: StatementArguments = []
-                if let model = query.model {
-                    sql += " WHERE model = ?"
-                    arguments += [model]
-                }
-                for row in try Row.fetchAll(db, sql: sql, arguments: arguments) {
-                    let keyID = LedgerKeys.keyID(forLedgerKey: row["subkey"])
-                    if let keep = query.keyIDs, !keep.contains(keyID) { continue }
-                    rows.append(UsageReportRow(keyID: keyID, model: row["model"], period: nil, tally: Self.tally(row)))
-                }
-                return rows
+                return try Self.rowsBySubkey(db, table: "usage", periodColumn: nil, query: query)
             }
             guard try db.tableExists("usage_period") else {
                 // A file of the earlier bridge not yet migrated: only its monthly totals have periods.
                 guard query.grouping == .month, query.since == nil, query.until == nil,
                     try db.tableExists("monthly_usage")
                 else { return [] }
-                var sql =
-                    "SELECT subkey, model, usage_month, requests, prompt_tokens, completion_tokens, total_tokens FROM monthly_usage"
-                var arguments: StatementArguments = []
-                if let model = query.model {
-                    sql += " WHERE model = ?"
-                    arguments += [model]
-                }
-                for row in try Row.fetchAll(db, sql: sql, arguments: arguments) {
-                    let keyID = LedgerKeys.keyID(forLedgerKey: row["subkey"])
-                    if let keep = query.keyIDs, !keep.contains(keyID) { continue }
-                    rows.append(
-                        UsageReportRow(keyID: keyID, model: row["model"], period: row["usage_month"], tally: Self.tally(row))
-                    )
-                }
-                return rows
+                return try Self.rowsBySubkey(db, table: "monthly_usage", periodColumn: "usage_month", query: query)
             }
             // Dates select daily rows; a month report without dates reads the monthly rows, which also hold the
             // earlier bridge's history.
@@ -411,6 +386,31 @@ public final class SQLiteLedger: LedgerStore {
             }
             return rows
         }
+    }
+
+    /// Report rows of a table keyed by `usage.subkey` values (the lifetime `usage`, or the earlier bridge's
+    /// `monthly_usage` with its `periodColumn`), under their key ids and filtered as `query` asks.
+    private static func rowsBySubkey(
+        _ db: Database,
+        table: String,
+        periodColumn: String?,
+        query: UsageQuery
+    ) throws -> [UsageReportRow] {
+        let period = periodColumn.map { "\($0), " } ?? ""
+        var sql = "SELECT subkey, model, \(period)requests, prompt_tokens, completion_tokens, total_tokens FROM \(table)"
+        var arguments: StatementArguments = []
+        if let model = query.model {
+            sql += " WHERE model = ?"
+            arguments += [model]
+        }
+        var rows: [UsageReportRow] = []
+        for row in try Row.fetchAll(db, sql: sql, arguments: arguments) {
+            let keyID = LedgerKeys.keyID(forLedgerKey: row["subkey"])
+            if let keep = query.keyIDs, !keep.contains(keyID) { continue }
+            let start: String? = periodColumn.flatMap { row[$0] }
+            rows.append(UsageReportRow(keyID: keyID, model: row["model"], period: start, tally: tally(row)))
+        }
+        return rows
     }
 
     /// Every `usage.subkey` value: `usage report --subkey` and `quotas check --db` match keys by value or hash.
