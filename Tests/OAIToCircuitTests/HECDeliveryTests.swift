@@ -51,10 +51,26 @@ import Testing
     }
 
     @Test func batchesStopAtTheEventOrByteLimit() {
-        #expect(HECBatch.count(sizes: [100, 100, 100], maximumEvents: 500, maximumBytes: 1 << 20) == 3)
-        #expect(HECBatch.count(sizes: Array(repeating: 10, count: 600), maximumEvents: 500, maximumBytes: 1 << 20) == 500)
-        #expect(HECBatch.count(sizes: [400, 400, 400], maximumEvents: 500, maximumBytes: 1000) == 2)
-        #expect(HECBatch.count(sizes: [5000, 10], maximumEvents: 500, maximumBytes: 1000) == 1)
-        #expect(HECBatch.count(sizes: [Int](), maximumEvents: 500, maximumBytes: 1000) == 0)
+        let envelope = SplunkEnvelope(host: "h", source: "s", sourcetype: "t", index: "main")
+        func events(_ count: Int, bodyBytes: Int) -> ArraySlice<PendingEvent> {
+            let body = Array(#"{"x":""#.utf8) + Array(repeating: UInt8(ascii: "a"), count: bodyBytes) + Array(#""}"#.utf8)
+            return ArraySlice(
+                (0..<count).map { PendingEvent(id: Int64($0 + 1), event: OutboxEvent(kind: .usage, time: 1, body: body)) }
+            )
+        }
+        let one = envelope.wrap(events(1, bodyBytes: 300)[0].event).count
+        let three = HECBatch.take(events(3, bodyBytes: 300), envelope: envelope, maximumEvents: 500, maximumBytes: 1 << 20)
+        #expect(three.count == 3 && three.payload.count == 3 * one)
+        #expect(String(decoding: three.payload, as: UTF8.self).components(separatedBy: "}{").count == 3)
+        #expect(
+            HECBatch.take(events(600, bodyBytes: 1), envelope: envelope, maximumEvents: 500, maximumBytes: 1 << 20).count
+                == 500
+        )
+        let two = HECBatch.take(events(3, bodyBytes: 300), envelope: envelope, maximumEvents: 500, maximumBytes: 2 * one + 10)
+        #expect(two.count == 2 && two.payload.count == 2 * one)
+        let alone = HECBatch.take(events(2, bodyBytes: 5000), envelope: envelope, maximumEvents: 500, maximumBytes: 1000)
+        #expect(alone.count == 1)
+        let none = HECBatch.take([], envelope: envelope, maximumEvents: 500, maximumBytes: 1000)
+        #expect(none.count == 0 && none.payload.isEmpty)
     }
 }

@@ -102,7 +102,7 @@ import Testing
         // The table is still the earlier bridge's, so it could still read the file.
         let columns = try TestDatabase.rows(path, "PRAGMA table_info(usage)").map { $0["name"] as String }
         #expect(columns == ["subkey", "model", "requests", "prompt_tokens", "completion_tokens", "total_tokens"])
-        #expect(try TestDatabase.count(path, "SELECT count(*) FROM grdb_migrations") == 1)
+        #expect(try TestDatabase.count(path, "SELECT count(*) FROM grdb_migrations") == 2)
     }
 
     /// The earlier bridge never enforced key_lifecycle's foreign keys: a dangling `replaced_by` must not stop this one.
@@ -207,8 +207,8 @@ import Testing
         old.finishedAt = now - 91 * 86_400
         var recent = Self.entry(model: "gpt-4o")
         recent.finishedAt = now - 89 * 86_400
-        _ = try await store.commit([old, old, recent], purgingLogBefore: nil, purgeLimit: 10)
-        let purged = try await store.commit([], purgingLogBefore: now - 90 * 86_400, purgeLimit: 10)
+        _ = try await store.commit([old, old, recent], events: [], purgingLogBefore: nil, purgeLimit: 10)
+        let purged = try await store.commit([], events: [], purgingLogBefore: now - 90 * 86_400, purgeLimit: 10)
         #expect(purged == 2)
         #expect(try TestDatabase.count(path, "SELECT count(*) FROM request_log") == 1)
         // Totals are never purged.
@@ -227,7 +227,7 @@ import Testing
         for index in 0..<3000 {
             var entry = Self.entry(model: "m\(index % 50)")
             entry.ledgerKey = "key-\(index % 40)"
-            _ = try await store.commit([entry], purgingLogBefore: nil, purgeLimit: 0)
+            _ = try await store.commit([entry], events: [], purgingLogBefore: nil, purgeLimit: 0)
             if index % 100 == 99 {
                 let attributes = try? FileManager.default.attributesOfItem(atPath: path + "-wal")
                 largest = max(largest, attributes?[.size] as? Int ?? 0)
@@ -279,7 +279,12 @@ final class GatedStore: LedgerStore {
         waiting?.resume()
     }
 
-    func commit(_ entries: [LedgerEntry], purgingLogBefore cutoff: Double?, purgeLimit: Int) async throws -> Int {
+    func commit(
+        _ entries: [LedgerEntry],
+        events: [OutboxEvent],
+        purgingLogBefore cutoff: Double?,
+        purgeLimit: Int
+    ) async throws -> Int {
         await started.append(entries.count)
         await withCheckedContinuation { continuation in
             let proceed = isOpen.withLockedValue { open in
@@ -295,4 +300,8 @@ final class GatedStore: LedgerStore {
     func directory() async throws -> KeyDirectory { KeyDirectory() }
     func report(_ query: UsageQuery) async throws -> [UsageReportRow] { [] }
     func close() async throws {}
+    func pendingEvents(after id: Int64, limit: Int) async throws -> [PendingEvent] { [] }
+    func delivered(_ ids: ClosedRange<Int64>) async throws {}
+    func deadLetter(_ event: PendingEvent, answer: String, at time: Double) async throws {}
+    func outboxCounts() async throws -> OutboxCounts { OutboxCounts() }
 }

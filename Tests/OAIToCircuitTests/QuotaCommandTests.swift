@@ -157,7 +157,7 @@ import Testing
             entry.month = String(day.prefix(7))
             entries.append(entry)
         }
-        _ = try await store.commit(entries, purgingLogBefore: nil, purgeLimit: 0)
+        _ = try await store.commit(entries, events: [], purgingLogBefore: nil, purgeLimit: 0)
 
         // Lifetime, by subkey: the earlier bridge's history included, names where known, never a plaintext key.
         let lifetime = UsageReport(

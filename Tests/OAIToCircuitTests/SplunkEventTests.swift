@@ -34,7 +34,7 @@ import Testing
         let text = String(decoding: bytes, as: UTF8.self)
         #expect(
             text.hasPrefix(
-                #"{"time": 1795945845.123456, "host": "bridge-1", "source": "oai-to-circuit", "sourcetype": "llm:usage", "index": "main", "event": {"#
+                #"{"time":1795945845.123456,"host":"bridge-1","source":"oai-to-circuit","sourcetype":"llm:usage","index":"main","event":{"#
             )
         )
         let event = try #require(try object(bytes)["event"] as? [String: Any])

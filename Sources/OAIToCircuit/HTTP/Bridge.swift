@@ -51,7 +51,12 @@ public struct HealthReport: Sendable {
 extension HealthReport {
     /// `database` and `quotas` members: 503 when the ledger cannot commit; a rejected policy reload shows, but the
     /// bridge stays healthy (the previous policy is in force).
-    static func of(ledger: LedgerWriter.Health, location: String, policy: PolicyReloader.Status) -> HealthReport {
+    static func of(
+        ledger: LedgerWriter.Health,
+        location: String,
+        policy: PolicyReloader.Status,
+        splunk: (status: HECShipper.Status, spool: SplunkSpool.Counts)? = nil
+    ) -> HealthReport {
         var database = JSONObjectWriter()
         database.string("status", ledger.isHealthy ? "ok" : "error")
         database.string("path", location)
@@ -66,11 +71,30 @@ extension HealthReport {
         quotas.string("loaded_at", PeriodCalendar.timestamp(policy.loadedAt))
         quotas.string("reload_error", policy.error)
 
+        // Splunk being down or refusing the token does not make the bridge unhealthy: events are kept.
+        var hec = JSONObjectWriter()
+        hec.bool("enabled", splunk != nil)
+        if let (status, spool) = splunk {
+            hec.number("pending", exact: String(spool.pending))
+            hec.number("pending_usage", exact: String(spool.pendingUsage))
+            hec.number("pending_errors", exact: String(spool.pendingErrors))
+            hec.number("oldest_pending_seconds", exact: String(Int(status.oldestPendingAge.rounded(.down))))
+            hec.number("sent", exact: String(status.sent))
+            hec.number("dropped_usage", exact: String(spool.droppedUsage))
+            hec.number("dropped_errors", exact: String(spool.droppedErrors))
+            hec.number("dead_lettered", exact: String(status.deadLettered))
+            hec.string("last_success", status.lastSuccessAt.map(PeriodCalendar.timestamp))
+            hec.string("last_error", status.lastError)
+            hec.string("last_error_at", status.lastErrorAt.map(PeriodCalendar.timestamp))
+            hec.string("paused", status.paused)
+        }
+
         return HealthReport(
             isHealthy: ledger.isHealthy,
             fields: [
                 ("database", String(decoding: database.finish(), as: UTF8.self)),
                 ("quotas", String(decoding: quotas.finish(), as: UTF8.self)),
+                ("splunk_hec", String(decoding: hec.finish(), as: UTF8.self)),
             ]
         )
     }

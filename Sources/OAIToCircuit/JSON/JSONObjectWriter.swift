@@ -1,13 +1,21 @@
 /// Writes one JSON object member by member, in order, with our string encoder (health fields, Splunk events).
+/// `compact` leaves out the spaces after commas and colons (Splunk events, where every byte is stored and sent).
 struct JSONObjectWriter {
     private var bytes: [UInt8] = [UInt8(ascii: "{")]
     private var needsComma = [false]
+    private let comma: [UInt8]
+    private let colon: [UInt8]
+
+    init(compact: Bool = false) {
+        comma = compact ? [UInt8(ascii: ",")] : Array(", ".utf8)
+        colon = compact ? [UInt8(ascii: ":")] : Array(": ".utf8)
+    }
 
     private mutating func key(_ name: String) {
-        if needsComma[needsComma.count - 1] { bytes.append(contentsOf: ", ".utf8) }
+        if needsComma[needsComma.count - 1] { bytes.append(contentsOf: comma) }
         needsComma[needsComma.count - 1] = true
         JSONString.encode(name, into: &bytes)
-        bytes.append(contentsOf: ": ".utf8)
+        bytes.append(contentsOf: colon)
     }
 
     mutating func string(_ name: String, _ value: String) {

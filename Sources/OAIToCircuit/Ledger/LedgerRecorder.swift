@@ -1,7 +1,8 @@
 import Logging
 
 /// Accounts every answered request: charges its tokens to the in-memory counters at once (so enforcement sees them
-/// before the answer ends), then returns only when the ledger has committed it.
+/// before the answer ends), then returns only when the ledger has committed it, with its Splunk usage event when
+/// delivery is on. A refusal's error event is committed the same way (and only logged when delivery is off).
 public struct LedgerRecorder: UsageRecorder {
     let enforcer: QuotaEnforcer
     let writer: LedgerWriter
@@ -15,11 +16,13 @@ public struct LedgerRecorder: UsageRecorder {
 
     public func record(_ usage: UsageRecord) async {
         enforcer.charge(usage.admission, usage: usage.usage)
-        await writer.commit(LedgerEntry(usage))
+        let entry = LedgerEntry(usage)
+        await writer.commit(entry, event: writer.spool == nil ? nil : SplunkEvent.usageEvent(entry))
     }
 
-    /// Refusals are only logged for now; the Splunk error events will carry them.
     public func record(_ refusal: RefusalRecord) async {
         await LoggingUsageRecorder(logger: logger).record(refusal)
+        guard writer.spool != nil else { return }
+        await writer.commit(event: SplunkEvent.errorEvent(refusal))
     }
 }

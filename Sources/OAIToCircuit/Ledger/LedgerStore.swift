@@ -116,18 +116,24 @@ public struct KeyDirectory: Sendable {
     public init(entries: [SubkeyDigest: Entry] = [:]) { self.entries = entries }
 }
 
-/// The durable side of the ledger. SQLite (`SQLiteLedger`) implements it; a PostgreSQL store will too.
-/// Every method may be slow: the request path only reaches it through `LedgerWriter`'s group commit.
-public protocol LedgerStore: Sendable {
+/// The durable side of the ledger, and the Splunk outbox committed with it. SQLite (`SQLiteLedger`) implements
+/// it; a PostgreSQL store will too. Every method may be slow: the request path only reaches it through
+/// `LedgerWriter`'s group commit.
+public protocol LedgerStore: SplunkOutbox {
     /// Where it lives, for `/health` and messages (a path; never a password).
     var location: String { get }
     /// Lifetime totals, and the period rows of `day` (`YYYY-MM-DD`) and `month` (`YYYY-MM`).
     func snapshot(day: String, month: String) async throws -> LedgerSnapshot
     /// The earlier bridge's names and key states, when its tables exist.
     func directory() async throws -> KeyDirectory
-    /// Writes `entries` in one transaction and, when `cutoff` is set, removes up to `purgeLimit` request-log rows
-    /// older than it. Returns how many it removed.
-    func commit(_ entries: [LedgerEntry], purgingLogBefore cutoff: Double?, purgeLimit: Int) async throws -> Int
+    /// Writes `entries` and queues `events` for Splunk in one transaction and, when `cutoff` is set, removes up to
+    /// `purgeLimit` request-log rows older than it. Returns how many it removed.
+    func commit(
+        _ entries: [LedgerEntry],
+        events: [OutboxEvent],
+        purgingLogBefore cutoff: Double?,
+        purgeLimit: Int
+    ) async throws -> Int
     /// Totals for `usage report`.
     func report(_ query: UsageQuery) async throws -> [UsageReportRow]
     func close() async throws

@@ -8,6 +8,10 @@ import Synchronization
 /// timer. The first request to find the writer idle writes its own record; when its transaction ends, the first
 /// of those that waited meanwhile writes all of theirs, and so on.
 ///
+/// A record may carry a Splunk event (the outbox: committed in the same transaction as the usage it describes), or
+/// be only an event (a refusal's). Events take a place in the `SplunkSpool` first; when its share is full they are
+/// dropped and counted, the usage is still written.
+///
 /// `commit(_:)` returns once its record is durable. A failed transaction is logged and counted, its records are
 /// kept (up to `maximumUnwritten`) and written with the next one or by the writer's retry every second (it is a
 /// `Service`), and `/health` reports the database unusable until a commit succeeds again; the waiting requests are
@@ -29,16 +33,22 @@ public final class LedgerWriter: Sendable {
         public var droppedRecords = 0
     }
 
+    /// One request's record: its usage, its Splunk event, or both.
+    struct Item: Sendable {
+        var entry: LedgerEntry?
+        var event: OutboxEvent?
+    }
+
     private enum Turn: Sendable {
         case written
-        case lead([LedgerEntry], followers: [CheckedContinuation<Turn, Never>])
+        case lead([Item], followers: [CheckedContinuation<Turn, Never>])
     }
 
     private struct State {
         var writing = false
-        var pending: [LedgerEntry] = []
+        var pending: [Item] = []
         var waiting: [CheckedContinuation<Turn, Never>] = []
-        var unwritten: [LedgerEntry] = []
+        var unwritten: [Item] = []
         var lastPurge = -Double.infinity
         var health = Health()
     }
@@ -48,15 +58,25 @@ public final class LedgerWriter: Sendable {
     private let clock: BridgeClock
     private let logger: Logger
     private let metrics: BridgeMetrics?
+    /// Set when Splunk delivery is on: events are queued only then.
+    public let spool: SplunkSpool?
     private let state = Mutex(State())
 
     /// `retentionDays`: how long request-log rows are kept (`USAGE_LOG_RETENTION_DAYS`).
-    public init(store: any LedgerStore, retentionDays: Int, clock: BridgeClock, logger: Logger, metrics: BridgeMetrics?) {
+    public init(
+        store: any LedgerStore,
+        retentionDays: Int,
+        clock: BridgeClock,
+        logger: Logger,
+        metrics: BridgeMetrics?,
+        spool: SplunkSpool? = nil
+    ) {
         self.store = store
         self.retention = Double(retentionDays) * PeriodCalendar.secondsPerDay
         self.clock = clock
         self.logger = logger
         self.metrics = metrics
+        self.spool = spool
     }
 
     public var health: Health { state.withLock { $0.health } }
@@ -64,19 +84,47 @@ public final class LedgerWriter: Sendable {
     /// Records waiting for the transaction under way to end.
     var queued: Int { state.withLock { $0.pending.count } }
 
-    /// Returns when `entry` is committed (or its transaction failed and it is kept for the next one).
-    public func commit(_ entry: LedgerEntry) async {
+    /// Returns when `entry` (and `event`, when it has a place in the spool) is committed, or its transaction failed
+    /// and it is kept for the next one.
+    public func commit(_ entry: LedgerEntry, event: OutboxEvent? = nil) async {
+        await commit(Item(entry: entry, event: admitted(event)))
+    }
+
+    /// Queues a Splunk event alone (a refusal's), durably, when it has a place in the spool.
+    public func commit(event: OutboxEvent) async {
+        guard let event = admitted(event) else { return }
+        await commit(Item(entry: nil, event: event))
+    }
+
+    /// `event` if the spool has a place for it; otherwise it is counted as dropped.
+    private func admitted(_ event: OutboxEvent?) -> OutboxEvent? {
+        guard let event, let spool else { return nil }
+        let (accepted, firstDrop) = spool.reserve(event.kind)
+        guard accepted else {
+            metrics?.splunkDropped(kind: event.kind)
+            if firstDrop {
+                logger.warning(
+                    "Splunk spool is full (SPLUNK_SPOOL_MAX_EVENTS): new \(event.kind.rawValue) events are dropped and counted",
+                    metadata: ["usage_limit": "\(spool.usageLimit)", "error_limit": "\(spool.errorLimit)"]
+                )
+            }
+            return nil
+        }
+        return event
+    }
+
+    private func commit(_ item: Item) async {
         let turn = await withCheckedContinuation { (continuation: CheckedContinuation<Turn, Never>) in
             let leads = state.withLock { state in
                 if state.writing {
-                    state.pending.append(entry)
+                    state.pending.append(item)
                     state.waiting.append(continuation)
                     return false
                 }
                 state.writing = true
                 return true
             }
-            if leads { continuation.resume(returning: .lead([entry], followers: [])) }
+            if leads { continuation.resume(returning: .lead([item], followers: [])) }
         }
         guard case .lead(let batch, let followers) = turn else { return }
         await lead(batch, followers: followers)
@@ -84,11 +132,11 @@ public final class LedgerWriter: Sendable {
 
     /// Writes a batch as the writer, answers its followers, then hands the role to the first record that arrived
     /// meanwhile, with everything that waits.
-    private func lead(_ batch: [LedgerEntry], followers: [CheckedContinuation<Turn, Never>]) async {
+    private func lead(_ batch: [Item], followers: [CheckedContinuation<Turn, Never>]) async {
         await write(batch)
         for follower in followers { follower.resume(returning: .written) }
         let next = state.withLock {
-            state -> (CheckedContinuation<Turn, Never>, [LedgerEntry], [CheckedContinuation<Turn, Never>])? in
+            state -> (CheckedContinuation<Turn, Never>, [Item], [CheckedContinuation<Turn, Never>])? in
             guard let first = state.waiting.first else {
                 state.writing = false
                 return nil
@@ -99,26 +147,37 @@ public final class LedgerWriter: Sendable {
             }
             return (first, state.pending, Array(state.waiting.dropFirst()))
         }
-        if let (leader, entries, followers) = next { leader.resume(returning: .lead(entries, followers: followers)) }
+        if let (leader, items, followers) = next { leader.resume(returning: .lead(items, followers: followers)) }
     }
 
     /// Writes what an earlier failure left, then `batch`, in one transaction.
-    private func write(_ batch: [LedgerEntry]) async {
+    private func write(_ batch: [Item]) async {
         let now = clock.now()
-        let (entries, cutoff) = state.withLock { state -> ([LedgerEntry], Double?) in
-            let entries = state.unwritten.isEmpty ? batch : state.unwritten + batch
+        let (items, cutoff) = state.withLock { state -> ([Item], Double?) in
+            let items = state.unwritten.isEmpty ? batch : state.unwritten + batch
             state.unwritten = []
-            guard now - state.lastPurge >= Self.purgeInterval else { return (entries, nil) }
-            return (entries, now - retention)
+            guard now - state.lastPurge >= Self.purgeInterval else { return (items, nil) }
+            return (items, now - retention)
         }
+        let entries = items.compactMap(\.entry)
+        let events = items.compactMap(\.event)
         let started = ContinuousClock.now
         do {
-            let purged = try await store.commit(entries, purgingLogBefore: cutoff, purgeLimit: Self.purgeBatch)
+            let purged = try await store.commit(
+                entries,
+                events: events,
+                purgingLogBefore: cutoff,
+                purgeLimit: Self.purgeBatch
+            )
             metrics?.ledgerCommitted(records: entries.count, duration: ContinuousClock.now - started)
+            if !events.isEmpty {
+                metrics?.splunkQueued(events)
+                spool?.committed(events.count)
+            }
             state.withLock { state in
                 if cutoff != nil, purged < Self.purgeBatch { state.lastPurge = now }
                 if !state.health.isHealthy {
-                    logger.notice("ledger writes again", metadata: ["records": "\(entries.count)"])
+                    logger.notice("ledger writes again", metadata: ["records": "\(items.count)"])
                 }
                 state.health.isHealthy = true
                 state.health.lastError = nil
@@ -129,23 +188,29 @@ public final class LedgerWriter: Sendable {
         } catch {
             metrics?.ledgerFailed()
             let description = Self.describe(error)
-            let (dropped, firstFailure) = state.withLock { state -> (Int, Bool) in
+            let (dropped, firstFailure) = state.withLock { state -> ([Item], Bool) in
                 let firstFailure = state.health.isHealthy
-                var kept = entries + state.unwritten
-                let dropped = max(0, kept.count - Self.maximumUnwritten)
-                if dropped > 0 { kept.removeFirst(dropped) }
+                var kept = items + state.unwritten
+                let dropped = Array(kept.prefix(max(0, kept.count - Self.maximumUnwritten)))
+                kept.removeFirst(dropped.count)
                 state.unwritten = kept
                 state.health.isHealthy = false
                 state.health.lastError = description
                 state.health.unwritten = kept.count
-                state.health.droppedRecords += dropped
+                state.health.droppedRecords += dropped.count(where: { $0.entry != nil })
                 return (dropped, firstFailure)
             }
+            let lostEvents = dropped.compactMap(\.event)
+            if let spool, !lostEvents.isEmpty {
+                let errors = lostEvents.count(where: { $0.kind == .error })
+                spool.lost(usage: lostEvents.count - errors, errors: errors)
+                for event in lostEvents { metrics?.splunkDropped(kind: event.kind) }
+            }
             let metadata: Logger.Metadata = [
-                "error": "\(description)", "records": "\(entries.count)", "dropped": "\(dropped)",
+                "error": "\(description)", "records": "\(items.count)", "dropped": "\(dropped.count)",
                 "database": "\(store.location)",
             ]
-            if firstFailure || dropped > 0 {
+            if firstFailure || !dropped.isEmpty {
                 logger.error("ledger commit failed; records kept for the next attempt", metadata: metadata)
             } else {
                 logger.debug("ledger commit failed again", metadata: metadata)

@@ -7,8 +7,10 @@ import Synchronization
 ///
 /// Tables: `usage` exactly as the earlier bridge wrote it (lifetime totals; its files are used in place);
 /// `usage_period` (daily and monthly totals per key id); `request_log` (one row per answered request, kept
-/// `USAGE_LOG_RETENTION_DAYS`). The earlier bridge's `monthly_usage`, `subkey_names` and `key_lifecycle` are read,
-/// never written. Outside `usage` a policy-file key appears only hashed.
+/// `USAGE_LOG_RETENTION_DAYS`); `splunk_outbox` (Splunk events committed with the usage they describe, until
+/// Splunk has them) and `splunk_dead_letter` (events Splunk refused as malformed, with its answer). The earlier
+/// bridge's `monthly_usage`, `subkey_names` and `key_lifecycle` are read, never written. Outside `usage` a
+/// policy-file key appears only hashed.
 public final class SQLiteLedger: LedgerStore {
     public let location: String
     private let database: DatabaseQueue
@@ -118,6 +120,23 @@ public final class SQLiteLedger: LedgerStore {
                 }
             }
         }
+        migrator.registerMigration("2 splunk outbox") { db in
+            // AUTOINCREMENT: ids never go back, even once every row is delivered and deleted, so the shipper's
+            // cursor (the last id it read) never skips a new event.
+            try db.execute(
+                sql: """
+                    CREATE TABLE splunk_outbox (
+                      id INTEGER PRIMARY KEY AUTOINCREMENT,
+                      kind TEXT NOT NULL CHECK (kind IN ('usage', 'error')),
+                      time REAL NOT NULL,
+                      event BLOB NOT NULL);
+                    CREATE TABLE splunk_dead_letter (
+                      id INTEGER PRIMARY KEY,
+                      kind TEXT NOT NULL, time REAL NOT NULL, event BLOB NOT NULL,
+                      set_aside_at REAL NOT NULL, answer TEXT NOT NULL);
+                    """
+            )
+        }
         return migrator
     }
 
@@ -211,12 +230,20 @@ public final class SQLiteLedger: LedgerStore {
         return text
     }
 
-    public func commit(_ entries: [LedgerEntry], purgingLogBefore cutoff: Double?, purgeLimit: Int) async throws -> Int {
+    public func commit(
+        _ entries: [LedgerEntry],
+        events: [OutboxEvent],
+        purgingLogBefore cutoff: Double?,
+        purgeLimit: Int
+    ) async throws -> Int {
         // Not cancellable on purpose: the batch holds other requests' records, and the task that happens to write it
         // may be cancelled (its client left). GRDB's async `write` would interrupt the transaction in that case.
         let purged = try await withCheckedThrowingContinuation { continuation in
             database.asyncWrite(
-                { db in try Self.write(entries, purgingLogBefore: cutoff, purgeLimit: purgeLimit, db) },
+                { db in
+                    try Self.queue(events, db)
+                    return try Self.write(entries, purgingLogBefore: cutoff, purgeLimit: purgeLimit, db)
+                },
                 completion: { _, result in continuation.resume(with: result) }
             )
         }
@@ -247,6 +274,14 @@ public final class SQLiteLedger: LedgerStore {
             if walFrames > self.walFrameLimit {
                 self.database.asyncWriteWithoutTransaction { db in _ = try? db.checkpoint(.passive) }
             }
+        }
+    }
+
+    private static func queue(_ events: [OutboxEvent], _ db: Database) throws {
+        guard !events.isEmpty else { return }
+        let insert = try db.cachedStatement(sql: "INSERT INTO splunk_outbox (kind, time, event) VALUES (?, ?, ?)")
+        for event in events {
+            try insert.execute(arguments: [event.kind.rawValue, event.time, Data(event.body)])
         }
     }
 
@@ -421,15 +456,125 @@ public final class SQLiteLedger: LedgerStore {
         }
     }
 
-    /// Rows of the request log, oldest first (for tests now; for `hec replay` later).
+    /// Rows of the request log, oldest first (for tests).
     public func requestLog(since: Double = 0) async throws -> [Row] {
         try await database.read { db in
             try Row.fetchAll(db, sql: "SELECT * FROM request_log WHERE finished_at >= ? ORDER BY id", arguments: [since])
         }
     }
 
+    /// Up to `limit` request-log entries finished in `[since, until)` with ids above `id`, oldest first, with
+    /// their ids (`hec replay`).
+    public func requestLog(
+        after id: Int64,
+        since: Double,
+        until: Double,
+        limit: Int
+    ) async throws -> [(id: Int64, entry: LedgerEntry)] {
+        try await database.read { db in
+            guard try db.tableExists("request_log") else { return [] }
+            return try Row.fetchAll(
+                db,
+                sql: """
+                    SELECT * FROM request_log WHERE id > ? AND finished_at >= ? AND finished_at < ?
+                    ORDER BY id LIMIT ?
+                    """,
+                arguments: [id, since, until, limit]
+            ).map { row in (row["id"], LedgerEntry(logRow: row)) }
+        }
+    }
+
+    // MARK: Splunk outbox
+
+    public func pendingEvents(after id: Int64, limit: Int) async throws -> [PendingEvent] {
+        try await database.read { db in
+            try Row.fetchAll(
+                db,
+                sql: "SELECT id, kind, time, event FROM splunk_outbox WHERE id > ? ORDER BY id LIMIT ?",
+                arguments: [id, limit]
+            ).map { row in
+                let body: Data = row["event"]
+                let kind = OutboxEvent.Kind(rawValue: row["kind"]) ?? .usage
+                return PendingEvent(id: row["id"], event: OutboxEvent(kind: kind, time: row["time"], body: Array(body)))
+            }
+        }
+    }
+
+    public func delivered(_ ids: ClosedRange<Int64>) async throws {
+        try await write { db in
+            try db.execute(
+                sql: "DELETE FROM splunk_outbox WHERE id BETWEEN ? AND ?",
+                arguments: [ids.lowerBound, ids.upperBound]
+            )
+        }
+    }
+
+    public func deadLetter(_ event: PendingEvent, answer: String, at time: Double) async throws {
+        try await write { db in
+            try db.execute(
+                sql: """
+                    INSERT OR REPLACE INTO splunk_dead_letter (id, kind, time, event, set_aside_at, answer)
+                    VALUES (?, ?, ?, ?, ?, ?)
+                    """,
+                arguments: [event.id, event.event.kind.rawValue, event.event.time, Data(event.event.body), time, answer]
+            )
+            try db.execute(sql: "DELETE FROM splunk_outbox WHERE id = ?", arguments: [event.id])
+        }
+    }
+
+    public func outboxCounts() async throws -> OutboxCounts {
+        try await database.read { db in
+            var counts = OutboxCounts()
+            guard try db.tableExists("splunk_outbox") else { return counts }
+            for row in try Row.fetchAll(db, sql: "SELECT kind, count(*) AS n, min(time) AS oldest FROM splunk_outbox GROUP BY kind") {
+                let kind: String = row["kind"]
+                let oldest: Double = row["oldest"]
+                if kind == OutboxEvent.Kind.error.rawValue { counts.error = row["n"] } else { counts.usage += row["n"] }
+                counts.oldest = min(counts.oldest ?? oldest, oldest)
+            }
+            counts.deadLettered = try Int.fetchOne(db, sql: "SELECT count(*) FROM splunk_dead_letter") ?? 0
+            return counts
+        }
+    }
+
+    /// A small transaction beside the group commit (shipper acknowledgements). Not cancellable either: a cancelled
+    /// shipper at shutdown must not leave half of one behind (a transaction is all or nothing anyway).
+    private func write(_ updates: @escaping @Sendable (Database) throws -> Void) async throws {
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+            database.asyncWrite(updates, completion: { _, result in continuation.resume(with: result) })
+        }
+        checkpointIfDue()
+    }
+
     public func close() async throws {
         try checkpointer?.close()
         try database.close()
+    }
+}
+
+extension LedgerEntry {
+    /// An entry as the request log kept it (`hec replay`); the period fields are not needed there and stay empty.
+    init(logRow row: Row) {
+        ledgerKey = ""
+        keyID = row["key_id"]
+        subkeyHash = row["subkey_hash"]
+        friendlyName = row["friendly_name"]
+        email = row["email"]
+        model = row["model"]
+        usage = Usage(
+            promptTokens: row["prompt_tokens"],
+            completionTokens: row["completion_tokens"],
+            totalTokens: row["total_tokens"]
+        )
+        day = ""
+        month = ""
+        finishedAt = row["finished_at"]
+        requestID = row["request_id"]
+        statusCode = row["status_code"]
+        isStreaming = row["is_streaming"]
+        latencySeconds = (row["latency_ms"] as Double) / 1000
+        clientDisconnected = row["client_disconnected"]
+        clientAddress = row["client_ip"]
+        forwardedFor = row["x_forwarded_for"]
     }
 }

@@ -77,6 +77,8 @@ public enum BridgeServer {
         public var writer: LedgerWriter
         public var reloader: PolicyReloader
         public var store: any LedgerStore
+        /// Set when Splunk delivery is on (`SPLUNK_HEC_URL` and `SPLUNK_HEC_TOKEN`).
+        public var shipper: HECShipper?
 
         /// Writes what a failing database left behind and closes it (after the listeners have stopped).
         public func close() async {
@@ -91,6 +93,7 @@ public enum BridgeServer {
         clock: BridgeClock = .system,
         policyPollInterval: Duration = .seconds(2),
         registry: (any KeyRegistry)? = nil,
+        hecTuning: (inout HECShipper.Tuning) -> Void = { _ in },
         logger: Logger
     ) async throws -> Assembly {
         let source = PolicySource(configuration)
@@ -113,12 +116,14 @@ public enum BridgeServer {
         let today = PeriodCalendar.day(clock.now())
         let snapshot: LedgerSnapshot
         let directory: KeyDirectory
+        let outbox: OutboxCounts
         do {
             snapshot = try await store.snapshot(
                 day: PeriodCalendar.dayString(today),
                 month: PeriodCalendar.monthString(PeriodCalendar.month(ofDay: today))
             )
             directory = try await store.directory()
+            outbox = try await store.outboxCounts()
         } catch {
             try? await store.close()
             throw StartupError("cannot read the usage database \(store.location): " + LedgerWriter.describe(error))
@@ -126,12 +131,38 @@ public enum BridgeServer {
         let enforcer = QuotaEnforcer(policy: policy, directory: directory, registry: registry, clock: clock)
         enforcer.load(snapshot)
         let metrics = BridgeMetrics(models: configuration.models)
+        var spool: SplunkSpool?
+        var shipper: HECShipper?
+        if let client = HECClient(configuration.splunk, httpClient: httpClient) {
+            let splunk = configuration.splunk
+            let made = SplunkSpool(maximumEvents: splunk.spoolMaxEvents, batchSize: splunk.batchMaxEvents)
+            made.load(outbox)
+            var tuning = HECShipper.Tuning(splunk, drainLimit: configuration.shutdownGrace)
+            hecTuning(&tuning)
+            spool = made
+            shipper = HECShipper(
+                client: client,
+                outbox: store,
+                spool: made,
+                envelope: SplunkEnvelope(splunk),
+                tuning: tuning,
+                clock: clock,
+                metrics: metrics,
+                logger: logger
+            )
+        } else if outbox.pending > 0 {
+            logger.notice(
+                "Splunk events wait in the outbox; set SPLUNK_HEC_URL and SPLUNK_HEC_TOKEN to send them",
+                metadata: ["events": "\(outbox.pending)"]
+            )
+        }
         let writer = LedgerWriter(
             store: store,
             retentionDays: configuration.usageLogRetentionDays,
             clock: clock,
             logger: logger,
-            metrics: metrics
+            metrics: metrics,
+            spool: spool
         )
         let reloader = PolicyReloader(
             source: source,
@@ -152,10 +183,22 @@ public enum BridgeServer {
         bridge.authorizer = enforcer
         bridge.policy = enforcer
         bridge.recorder = LedgerRecorder(enforcer: enforcer, writer: writer, logger: logger)
-        bridge.health = { [writer, reloader] in
-            HealthReport.of(ledger: writer.health, location: store.location, policy: reloader.status)
+        bridge.health = { [writer, reloader, shipper, spool] in
+            HealthReport.of(
+                ledger: writer.health,
+                location: store.location,
+                policy: reloader.status,
+                splunk: shipper.flatMap { shipper in spool.map { (shipper.status, $0.counts) } }
+            )
         }
-        return Assembly(bridge: bridge, enforcer: enforcer, writer: writer, reloader: reloader, store: store)
+        return Assembly(
+            bridge: bridge,
+            enforcer: enforcer,
+            writer: writer,
+            reloader: reloader,
+            store: store,
+            shipper: shipper
+        )
     }
 
     /// How long a connection may stay silent between requests (or while a request is read) before it is closed.
@@ -269,9 +312,12 @@ public enum BridgeServer {
             }
             announce(configuration, assembly: assembly, logger: logger)
             // Shutdown runs in reverse: the listeners stop (finishing in-flight requests, which still commit to the
-            // ledger) before the reloader.
+            // ledger) before the reloader and the writer; the Splunk shipper goes last, sending what they left.
+            var members: [ServiceGroupConfiguration.ServiceConfiguration] = []
+            if let shipper = assembly.shipper { members.append(.init(service: shipper)) }
+            members += [.init(service: assembly.writer), .init(service: assembly.reloader), .init(service: services)]
             var group = ServiceGroupConfiguration(
-                services: [.init(service: assembly.writer), .init(service: assembly.reloader), .init(service: services)],
+                services: members,
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger
             )
@@ -316,6 +362,7 @@ public enum BridgeServer {
                 "version": "\(BridgeVersion.current)", "circuit": "\(configuration.circuitBase)",
                 "token_url": "\(configuration.tokenURL)", "models": "\(configuration.models.joined(separator: ","))",
                 "database": "\(assembly.store.location)",
+                "splunk_hec": "\(configuration.splunk.isEnabled ? configuration.splunk.eventURL ?? "" : "off")",
             ]
         )
     }

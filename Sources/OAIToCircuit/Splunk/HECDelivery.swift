@@ -34,6 +34,10 @@ enum HECVerdict: Equatable, Sendable {
             return .paused(reason: "Splunk answered 404: check the path of SPLUNK_HEC_URL (/services/collector/event)")
         case 400 where code == 7:
             return .paused(reason: "Splunk does not know the index (code 7): check SPLUNK_INDEX and the token's allowed indexes")
+        case 400 where code == 10 || code == 11:
+            return .paused(
+                reason: "Splunk wants a data channel (code \(code ?? 10)): the token has indexer acknowledgement on; set SPLUNK_HEC_CHANNEL to a GUID"
+            )
         case 400 where code == 5:
             // "No data": nothing this side can fix by resending; treat as malformed to isolate the cause.
             return .malformed(answer: answer)
@@ -67,13 +71,15 @@ enum HECVerdict: Equatable, Sendable {
 /// Exponential backoff with jitter: 1 s doubling to 60 s, each wait drawn between half and all of its step, so
 /// that several bridges do not retry in step.
 struct HECBackoff: Sendable {
-    static let first: Duration = .seconds(1)
     static let longest: Duration = .seconds(60)
+    let first: Duration
     private(set) var failures = 0
+
+    init(first: Duration = .seconds(1)) { self.first = first }
 
     /// The wait before the next attempt, counting one more failure. `unit` is a random number in [0, 1).
     mutating func next(unit: Double) -> Duration {
-        let step = min(Self.longest, Self.first * (1 << min(failures, 6)))
+        let step = min(Self.longest, first * (1 << min(failures, 6)))
         failures += 1
         return step * (0.5 + 0.5 * unit)
     }
@@ -83,17 +89,26 @@ struct HECBackoff: Sendable {
 
 /// One HEC request's worth of events (`SPLUNK_BATCH_MAX_EVENTS`, `SPLUNK_BATCH_MAX_BYTES`).
 enum HECBatch {
-    /// How many of the oldest pending events go in the next batch: up to `maximumEvents`, and no more than
-    /// `maximumBytes` of events once the first is in (an event larger than the limit goes alone).
-    static func count(sizes: some Sequence<Int>, maximumEvents: Int, maximumBytes: Int) -> Int {
+    /// How many of the oldest pending `events` go in the next batch, and the batch itself (their HEC events,
+    /// concatenated): up to `maximumEvents`, and no more than `maximumBytes` once the first is in (an event larger
+    /// than the limit goes alone).
+    static func take(
+        _ events: ArraySlice<PendingEvent>,
+        envelope: SplunkEnvelope,
+        maximumEvents: Int,
+        maximumBytes: Int
+    ) -> (count: Int, payload: [UInt8]) {
+        var payload: [UInt8] = []
         var count = 0
-        var bytes = 0
-        for size in sizes {
-            guard count < maximumEvents else { break }
-            if count > 0, bytes + size > maximumBytes { break }
+        for pending in events.prefix(maximumEvents) {
+            let before = payload.count
+            envelope.wrap(pending.event, into: &payload)
+            if count > 0, payload.count > maximumBytes {
+                payload.removeSubrange(before...)
+                break
+            }
             count += 1
-            bytes += size
         }
-        return count
+        return (count, payload)
     }
 }

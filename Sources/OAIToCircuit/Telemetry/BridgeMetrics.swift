@@ -76,6 +76,51 @@ public final class BridgeMetrics: Sendable {
         counter("oai_to_circuit_refusals_total", [("code", code)]).increment()
     }
 
+    // MARK: Splunk delivery
+
+    /// Events committed to the outbox.
+    func splunkQueued(_ events: [OutboxEvent]) {
+        let errors = events.count(where: { $0.kind == .error })
+        if errors > 0 { counter("oai_to_circuit_splunk_events_queued_total", [("kind", "error")]).increment(by: errors) }
+        if errors < events.count {
+            counter("oai_to_circuit_splunk_events_queued_total", [("kind", "usage")]).increment(by: events.count - errors)
+        }
+    }
+
+    /// An event the spool had no place for.
+    func splunkDropped(kind: OutboxEvent.Kind) {
+        counter("oai_to_circuit_splunk_events_dropped_total", [("kind", kind.rawValue)]).increment()
+    }
+
+    func splunkSent(_ count: Int) {
+        counter("oai_to_circuit_splunk_events_sent_total", []).increment(by: count)
+    }
+
+    /// Events of a batch that will be sent again (Splunk down, busy, or refusing the token).
+    func splunkRetried(_ count: Int) {
+        counter("oai_to_circuit_splunk_events_retried_total", []).increment(by: count)
+    }
+
+    func splunkDeadLettered() {
+        counter("oai_to_circuit_splunk_events_dead_lettered_total", []).increment()
+    }
+
+    /// One HEC request, by outcome (`delivered`, `retry`, `paused`, `too_large`, `rejected`).
+    func splunkBatch(outcome: String, duration: Duration) {
+        timer("oai_to_circuit_splunk_batch_duration_seconds", [("outcome", outcome)]).record(duration: duration)
+    }
+
+    /// Events waiting in the outbox, and the age of the oldest the shipper holds.
+    func splunkPending(_ counts: SplunkSpool.Counts, oldestAge: Double) {
+        gauge("oai_to_circuit_splunk_pending_events", [("kind", "usage")]).record(counts.pendingUsage)
+        gauge("oai_to_circuit_splunk_pending_events", [("kind", "error")]).record(counts.pendingErrors)
+        gauge("oai_to_circuit_splunk_oldest_pending_seconds", []).record(oldestAge)
+    }
+
+    private func gauge(_ label: String, _ dimensions: [(String, String)]) -> CoreMetrics.Gauge {
+        instrument(label, dimensions) { CoreMetrics.Gauge(label: label, dimensions: dimensions, factory: factory) }
+    }
+
     private func counter(_ label: String, _ dimensions: [(String, String)]) -> CoreMetrics.Counter {
         instrument(label, dimensions) { CoreMetrics.Counter(label: label, dimensions: dimensions, factory: factory) }
     }

@@ -1,0 +1,91 @@
+import AsyncHTTPClient
+import CompressNIO
+import NIOCore
+import NIOPosix
+import NIOSSL
+
+/// Posts batches to Splunk's HTTP Event Collector over the bridge's shared `HTTPClient` (keep-alive connections,
+/// a pool of their own for Splunk's host): `Authorization: Splunk <token>`, gzip when `SPLUNK_HEC_GZIP` is on,
+/// `X-Splunk-Request-Channel` when `SPLUNK_HEC_CHANNEL` is set, `SPLUNK_HEC_TIMEOUT_SECONDS` for the whole
+/// exchange, and no certificate check when `SPLUNK_VERIFY_SSL` is off.
+struct HECClient: Sendable {
+    let httpClient: HTTPClient
+    let url: String
+    private let authorization: String
+    let channel: String?
+    let gzip: Bool
+    let timeout: Duration
+    let tls: TLSConfiguration?
+    /// Splunk's answers are a line of JSON; a proxy's error page is read no further than this.
+    static let maximumAnswer = 64 * 1024
+
+    /// `nil` unless both `SPLUNK_HEC_URL` and `SPLUNK_HEC_TOKEN` are set.
+    init?(_ settings: BridgeConfiguration.Splunk, httpClient: HTTPClient) {
+        guard let url = settings.eventURL, let token = settings.token else { return nil }
+        self.httpClient = httpClient
+        self.url = url
+        self.authorization = "Splunk " + token
+        self.channel = settings.channel
+        self.gzip = settings.gzip
+        self.timeout = settings.timeout
+        if settings.verifyTLS {
+            self.tls = nil
+        } else {
+            var tls = TLSConfiguration.makeClientConfiguration()
+            tls.certificateVerification = .none
+            self.tls = tls
+        }
+    }
+
+    /// Splunk's status and answer to one batch (concatenated HEC events). Throws on transport errors and timeouts.
+    func post(_ payload: [UInt8]) async throws -> (status: Int, answer: ByteBuffer) {
+        var request = HTTPClientRequest(url: url)
+        request.method = .POST
+        request.headers.add(name: "Authorization", value: authorization)
+        request.headers.add(name: "Content-Type", value: "application/json")
+        if let channel { request.headers.add(name: "X-Splunk-Request-Channel", value: channel) }
+        var body = ByteBuffer(bytes: payload)
+        if gzip {
+            body = try body.compress(with: .gzip())
+            request.headers.add(name: "Content-Encoding", value: "gzip")
+        }
+        request.body = .bytes(body)
+        request.tlsConfiguration = tls
+        let response = try await httpClient.execute(request, timeout: TimeAmount(timeout))
+        var answer = ByteBuffer()
+        for try await var chunk in response.body {
+            let room = Self.maximumAnswer - answer.readableBytes
+            guard room > 0 else { continue }
+            if chunk.readableBytes > room { chunk = chunk.getSlice(at: chunk.readerIndex, length: room) ?? chunk }
+            answer.writeBuffer(&chunk)
+        }
+        return (Int(response.status.code), answer)
+    }
+
+    /// A transport error, described for the log, `/health` and `hec test` (never with a header or the token).
+    static func describe(_ error: any Error) -> String {
+        if let error = error as? HTTPClientError {
+            switch error {
+            case .connectTimeout: return "could not connect to Splunk in time"
+            case .deadlineExceeded, .readTimeout: return "Splunk did not answer within SPLUNK_HEC_TIMEOUT_SECONDS"
+            case .remoteConnectionClosed:
+                return "Splunk closed the connection without answering"
+            default: return "HTTP error: \(error)"
+            }
+        }
+        if let error = error as? IOError {
+            return error.errnoCode == ECONNREFUSED ? "connection refused" : "network error: \(error.description)"
+        }
+        if error is NIOConnectionError {
+            return "could not connect (connection refused or host unreachable)"
+        }
+        if let error = error as? NIOSSLError {
+            return "TLS failed: \(error)"
+        }
+        if let error = error as? BoringSSLError {
+            return "TLS failed: \(error)"
+        }
+        if error is CancellationError { return "cancelled" }
+        return "\(type(of: error)): \(error)"
+    }
+}
