@@ -38,17 +38,22 @@ public final class FakeHEC: Sendable {
     /// Every event Splunk would have indexed, as the JSON text it was sent as.
     public let events: Journal<String>
     public let deliveries: Journal<Delivery>
+    /// One entry per request as it arrives, before any `delay` (to see a request Splunk has not answered yet).
+    public let arrivals: Journal<Int>
     private let server: FakeServer
 
     public var url: String { "http://127.0.0.1:\(server.port)/services/collector/event" }
     public var port: Int { server.port }
 
-    public static func start(_ settings: Settings = Settings()) async throws -> FakeHEC {
+    /// `port` 0 takes any free one.
+    public static func start(_ settings: Settings = Settings(), port: Int = 0) async throws -> FakeHEC {
         let box = NIOLockedValueBox(settings)
         let events = Journal<String>()
         let deliveries = Journal<Delivery>()
+        let arrivals = Journal<Int>()
         let responder = CallbackResponder<BasicRequestContext> { request, _ in
             let current = box.withLockedValue { $0 }
+            await arrivals.append(await arrivals.count + 1)
             let gzipped = request.headers[.contentEncoding]?.lowercased() == "gzip"
             let channel = request.headers[HTTPField.Name("X-Splunk-Request-Channel")!]
             var answer = try await Self.answer(request, settings: current, gzipped: gzipped)
@@ -66,19 +71,21 @@ public final class FakeHEC: Sendable {
                 body: ResponseBody(byteBuffer: ByteBuffer(string: answer.body))
             )
         }
-        let server = try await FakeServer.start(responder)
-        return FakeHEC(settings: box, events: events, deliveries: deliveries, server: server)
+        let server = try await FakeServer.start(responder, port: port)
+        return FakeHEC(settings: box, events: events, deliveries: deliveries, arrivals: arrivals, server: server)
     }
 
     private init(
         settings: NIOLockedValueBox<Settings>,
         events: Journal<String>,
         deliveries: Journal<Delivery>,
+        arrivals: Journal<Int>,
         server: FakeServer
     ) {
         self.settings = settings
         self.events = events
         self.deliveries = deliveries
+        self.arrivals = arrivals
         self.server = server
     }
 

@@ -526,7 +526,10 @@ public final class SQLiteLedger: LedgerStore {
         try await database.read { db in
             var counts = OutboxCounts()
             guard try db.tableExists("splunk_outbox") else { return counts }
-            for row in try Row.fetchAll(db, sql: "SELECT kind, count(*) AS n, min(time) AS oldest FROM splunk_outbox GROUP BY kind") {
+            for row in try Row.fetchAll(
+                db,
+                sql: "SELECT kind, count(*) AS n, min(time) AS oldest FROM splunk_outbox GROUP BY kind"
+            ) {
                 let kind: String = row["kind"]
                 let oldest: Double = row["oldest"]
                 if kind == OutboxEvent.Kind.error.rawValue { counts.error = row["n"] } else { counts.usage += row["n"] }

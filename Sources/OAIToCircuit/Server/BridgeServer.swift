@@ -17,7 +17,7 @@ public enum BridgeServer {
         case https
     }
 
-    /// The client for Circuit, its token endpoint and Splunk, sized for a proxy. `UPSTREAM_TIMEOUT_SECONDS` is its
+    /// The client for Circuit and its token endpoint, sized for a proxy. `UPSTREAM_TIMEOUT_SECONDS` is its
     /// read timeout: the longest silence allowed while waiting for a response head or between two chunks.
     public static func makeHTTPClient(_ configuration: BridgeConfiguration) -> HTTPClient {
         var client = HTTPClient.Configuration()
@@ -84,6 +84,7 @@ public enum BridgeServer {
         public func close() async {
             await writer.flush()
             try? await store.close()
+            await shipper?.client.shutdown()
         }
     }
 
@@ -133,7 +134,7 @@ public enum BridgeServer {
         let metrics = BridgeMetrics(models: configuration.models)
         var spool: SplunkSpool?
         var shipper: HECShipper?
-        if let client = HECClient(configuration.splunk, httpClient: httpClient) {
+        if let client = HECClient(configuration.splunk) {
             let splunk = configuration.splunk
             let made = SplunkSpool(maximumEvents: splunk.spoolMaxEvents, batchSize: splunk.batchMaxEvents)
             made.load(outbox)

@@ -4,10 +4,11 @@ import NIOCore
 import NIOPosix
 import NIOSSL
 
-/// Posts batches to Splunk's HTTP Event Collector over the bridge's shared `HTTPClient` (keep-alive connections,
-/// a pool of their own for Splunk's host): `Authorization: Splunk <token>`, gzip when `SPLUNK_HEC_GZIP` is on,
-/// `X-Splunk-Request-Channel` when `SPLUNK_HEC_CHANNEL` is set, `SPLUNK_HEC_TIMEOUT_SECONDS` for the whole
-/// exchange, and no certificate check when `SPLUNK_VERIFY_SSL` is off.
+/// Posts batches to Splunk's HTTP Event Collector over keep-alive connections of its own `HTTPClient` (Circuit's
+/// client has Circuit's timeouts, and Splunk must never take a connection Circuit needs):
+/// `Authorization: Splunk <token>`, gzip when `SPLUNK_HEC_GZIP` is on, `X-Splunk-Request-Channel` when
+/// `SPLUNK_HEC_CHANNEL` is set, `SPLUNK_HEC_TIMEOUT_SECONDS` for the whole exchange, and no certificate check when
+/// `SPLUNK_VERIFY_SSL` is off.
 struct HECClient: Sendable {
     let httpClient: HTTPClient
     let url: String
@@ -19,10 +20,18 @@ struct HECClient: Sendable {
     /// Splunk's answers are a line of JSON; a proxy's error page is read no further than this.
     static let maximumAnswer = 64 * 1024
 
-    /// `nil` unless both `SPLUNK_HEC_URL` and `SPLUNK_HEC_TOKEN` are set.
-    init?(_ settings: BridgeConfiguration.Splunk, httpClient: HTTPClient) {
+    /// `nil` unless both `SPLUNK_HEC_URL` and `SPLUNK_HEC_TOKEN` are set. Call `shutdown()` when done.
+    init?(_ settings: BridgeConfiguration.Splunk) {
         guard let url = settings.eventURL, let token = settings.token else { return nil }
-        self.httpClient = httpClient
+        var configuration = HTTPClient.Configuration()
+        let timeout = TimeAmount(settings.timeout)
+        configuration.timeout = .init(connect: min(timeout, .seconds(10)), read: timeout)
+        configuration.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: 8)
+        // The shipper retries with backoff itself.
+        configuration.connectionPool.retryConnectionEstablishment = false
+        configuration.redirectConfiguration = .disallow
+        configuration.decompression = .disabled
+        self.httpClient = HTTPClient(eventLoopGroup: MultiThreadedEventLoopGroup.singleton, configuration: configuration)
         self.url = url
         self.authorization = "Splunk " + token
         self.channel = settings.channel
@@ -35,6 +44,10 @@ struct HECClient: Sendable {
             tls.certificateVerification = .none
             self.tls = tls
         }
+    }
+
+    func shutdown() async {
+        try? await httpClient.shutdown()
     }
 
     /// Splunk's status and answer to one batch (concatenated HEC events). Throws on transport errors and timeouts.

@@ -36,7 +36,8 @@ enum HECVerdict: Equatable, Sendable {
             return .paused(reason: "Splunk does not know the index (code 7): check SPLUNK_INDEX and the token's allowed indexes")
         case 400 where code == 10 || code == 11:
             return .paused(
-                reason: "Splunk wants a data channel (code \(code ?? 10)): the token has indexer acknowledgement on; set SPLUNK_HEC_CHANNEL to a GUID"
+                reason:
+                    "Splunk wants a data channel (code \(code ?? 10)): the token has indexer acknowledgement on; set SPLUNK_HEC_CHANNEL to a GUID"
             )
         case 400 where code == 5:
             // "No data": nothing this side can fix by resending; treat as malformed to isolate the cause.

@@ -47,6 +47,8 @@ public final class HECShipper: Sendable {
         public var pauseInterval: Duration = .seconds(30)
         /// How long a shutdown may spend sending what is left.
         public var drainLimit: Duration = .seconds(30)
+        /// Told the status after every round of sends (tests await progress with it).
+        public var observe: (@Sendable (Status) -> Void)?
 
         init() {}
 
@@ -216,6 +218,7 @@ public final class HECShipper: Sendable {
                 }
             }
             retries.sort { $0.events[0].id < $1.events[0].id }
+            defer { tuning.observe?(status) }
             updateGauges(oldest: retries.first?.events.first?.event.time ?? readAhead.first?.event.time)
 
             if let (reason, paused) = failed {

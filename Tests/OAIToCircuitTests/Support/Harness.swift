@@ -55,6 +55,17 @@ struct Harness {
         return environment
     }
 
+    /// Variables that send Splunk events to `hec`, flushed every 50 ms unless the test says otherwise.
+    static func splunk(_ hec: FakeHEC, token: String = "hec-token", flushMilliseconds: Int = 50) -> [String: String] {
+        ["SPLUNK_HEC_URL": hec.url, "SPLUNK_HEC_TOKEN": token, "SPLUNK_FLUSH_INTERVAL_MS": String(flushMilliseconds)]
+    }
+
+    /// Quick retries, so tests of failing deliveries take moments.
+    static let quickRetries: @Sendable (inout HECShipper.Tuning) -> Void = { tuning in
+        tuning.firstRetry = .milliseconds(50)
+        tuning.pauseInterval = .milliseconds(200)
+    }
+
     /// A new empty directory under the system's temporary one.
     static func temporaryDirectory() throws -> URL {
         let url = FileManager.default.temporaryDirectory.appendingPathComponent("oai-to-circuit-\(UUID().uuidString)")
@@ -72,6 +83,8 @@ struct Harness {
         directory given: URL? = nil,
         policyPollInterval: Duration = .seconds(2),
         registry: (any KeyRegistry)? = nil,
+        adjust: (inout BridgeConfiguration) -> Void = { _ in },
+        hecTuning: (inout HECShipper.Tuning) -> Void = Harness.quickRetries,
         configure: (inout Bridge) -> Void = { _ in },
         _ body: (Harness) async throws -> Void
     ) async throws {
@@ -96,10 +109,11 @@ struct Harness {
             defaultListener.host = "127.0.0.1"
             defaultListener.port = 0
             defaultListener.sslPort = 0
-            let configuration = try BridgeConfiguration(
+            var configuration = try BridgeConfiguration(
                 environment: environment(tokens: tokens, circuit: circuit, directory: directory, overrides: overrides),
                 listener: listener ?? defaultListener
             )
+            adjust(&configuration)
             let logs = LogCapture()
             let logger = logs.logger()
             let clock = ManualClock()
@@ -111,6 +125,7 @@ struct Harness {
                 clock: clock.bridgeClock,
                 policyPollInterval: policyPollInterval,
                 registry: registry,
+                hecTuning: hecTuning,
                 logger: logger
             )
             assembled = assembly
@@ -122,7 +137,7 @@ struct Harness {
             let services = try BridgeServer.listeners(for: bridge) { scheme, port in portSource.yield((scheme, port)) }
             let group = ServiceGroup(
                 configuration: .init(
-                    services: [assembly.writer, assembly.reloader, services],
+                    services: [assembly.shipper].compactMap { $0 } + [assembly.writer, assembly.reloader, services],
                     gracefulShutdownSignals: [],
                     logger: logger
                 )

@@ -6,7 +6,7 @@ import Glibc
 /// server can take it meanwhile (a port freed by a stopped server could be).
 final class RefusingPort {
     let port: Int
-    private let descriptor: Int32
+    private var descriptor: Int32
 
     init() throws {
         let descriptor = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
@@ -30,7 +30,14 @@ final class RefusingPort {
         self.port = Int(UInt16(bigEndian: address.sin_port))
     }
 
-    deinit { close(descriptor) }
+    /// Frees the port (for a server to take it, as a service coming back up).
+    func release() {
+        guard descriptor >= 0 else { return }
+        close(descriptor)
+        descriptor = -1
+    }
+
+    deinit { release() }
 }
 
 enum RefusingPortError: Error {
