@@ -256,10 +256,8 @@ import Testing
     @Test func aFullSpoolDropsNewEventsAndCountsThem() async throws {
         let hec = try await FakeHEC.start()
         defer { Task { await hec.stop() } }
-        try await Harness.with(
-            environment: Harness.splunk(hec, token: "wrong-token"),
-            adjust: { $0.splunk.spoolMaxEvents = 10 }
-        ) { harness in
+        let smallSpool: (inout BridgeConfiguration) -> Void = { $0.splunk.spoolMaxEvents = 10 }
+        try await Harness.with(environment: Harness.splunk(hec, token: "wrong-token"), adjust: smallSpool) { harness in
             // Nine places for usage events, one for error events.
             for _ in 0..<12 { #expect(try await harness.chat(Harness.chatBody()).status == 200) }
             for _ in 0..<3 {
