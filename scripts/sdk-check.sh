@@ -20,7 +20,7 @@ pass() { echo "PASS $1"; passed=$((passed + 1)); }
 fail() { echo "FAIL $1"; failed=$((failed + 1)); }
 
 work=$(mktemp -d)
-fake_pid= bridge_pid= log_shown=
+fake_pid= hec_pid= bridge_pid= log_shown=
 show_bridge_log() {
     [[ -n $log_shown || ! -s $work/bridge.log ]] && return 0
     log_shown=1
@@ -35,7 +35,7 @@ stop() {  # SIGTERM, then SIGKILL if it has not gone within 5 s
 }
 on_exit() {
     local status=$?
-    stop "$bridge_pid"; stop "$fake_pid"
+    stop "$bridge_pid"; stop "$fake_pid"; stop "$hec_pid"
     (( status == 0 )) || show_bridge_log
     rm -rf "$work"
 }
@@ -73,11 +73,19 @@ if [[ ! $line =~ ^CIRCUIT_BASE=($url)\ TOKEN_URL=($url/[^ ]+)$ ]]; then
 fi
 circuit_base=${BASH_REMATCH[1]} token_url=${BASH_REMATCH[2]}
 
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+# Splunk HEC is down (nothing listens on its port) until the SIGKILL check below starts a fake one there.
+hec_port=$(free_port)
+hec_url=http://127.0.0.1:$hec_port/services/collector/event
+
 # A clean environment: a developer's own CIRCUIT_*/SPLUNK_* settings must not leak in.
 bridge_env=(env -i "PATH=$PATH" "HOME=${HOME:-/tmp}"
     CIRCUIT_CLIENT_ID=client-id CIRCUIT_CLIENT_SECRET=client-secret CIRCUIT_APPKEY=test-appkey
     "CIRCUIT_BASE=$circuit_base" "TOKEN_URL=$token_url" REQUIRE_SUBKEY=true LOG_LEVEL=info
-    "QUOTA_DB_PATH=$work/quota.db" "QUOTAS_JSON_PATH=$work/quotas.json")
+    "QUOTA_DB_PATH=$work/quota.db" "QUOTAS_JSON_PATH=$work/quotas.json"
+    "SPLUNK_HEC_URL=$hec_url" SPLUNK_HEC_TOKEN=hec-token)
 
 # The subkeys sdk_check.py uses: o3 blocked for one, one gpt-4o request a day for another.
 cat >"$work/quotas.json" <<'EOF'
@@ -86,7 +94,7 @@ cat >"$work/quotas.json" <<'EOF'
  "once-subkey": {"gpt-4o": {"requests": 1}}}
 EOF
 
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
+port=$(free_port)
 start_bridge() {
     "${bridge_env[@]}" "$BRIDGE" serve --host 127.0.0.1 --port "$port" >>"$work/bridge.log" 2>&1 </dev/null &
     bridge_pid=$!
@@ -156,7 +164,39 @@ counted=$(python3 -c 'import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).ex
     "SELECT requests FROM usage WHERE subkey = ? AND model = ?", ("new-member", "gpt-4o-mini")).fetchone()[0])' "$work/quota.db")
 if [[ $counted == 20 ]]; then pass "ledger: 20 answers, SIGKILL, 20 in the ledger"
 else fail "ledger: $counted of 20 answers in the ledger after SIGKILL"; fi
+
+# Splunk was down all along: every answered request's usage event waits in the outbox, and ships once Splunk is
+# up and the bridge starts again.
+answered=$(python3 -c 'import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute(
+    "SELECT count(*) FROM request_log").fetchone()[0])' "$work/quota.db")
+"$FAKE" hec "$hec_port" "$work/hec-events.jsonl" >"$work/hec.out" 2>"$work/hec.log" </dev/null &
+hec_pid=$!
+for _ in $(seq 100); do grep -q '^HEC_URL=' "$work/hec.out" && break; sleep 0.1; done
 start_bridge
+delivered=0
+for _ in $(seq 200); do
+    delivered=$(python3 - "$work/hec-events.jsonl" <<'PYEOF'
+import json, os, sys
+path = sys.argv[1]
+events = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+print(len({e["event"]["request_id"] for e in events if e["sourcetype"] == "llm:usage"}))
+PYEOF
+)
+    (( delivered >= answered )) && break
+    sleep 0.1
+done
+if (( answered > 20 && delivered == answered )); then
+    pass "splunk: HEC down, SIGKILL, restart: all $answered usage events delivered"
+else fail "splunk: $delivered of $answered usage events delivered after the restart"; fi
+if grep -q '"sourcetype":"llm:usage:error"' "$work/hec-events.jsonl" 2>/dev/null \
+    && ! grep -q 'member-subkey\|new-member\|hec-token' "$work/hec-events.jsonl"; then
+    pass "splunk: error events delivered, no subkey or token in any event"
+else fail "splunk: error events missing, or a secret in the events"; fi
+if "${bridge_env[@]}" "$BRIDGE" hec test >"$work/hec-test.out" 2>&1 && grep -q '^ok: Splunk indexed' "$work/hec-test.out" \
+    && ! "${bridge_env[@]}" SPLUNK_HEC_TOKEN=wrong "$BRIDGE" hec test >"$work/hec-bad.out" 2>&1 \
+    && grep -q '^problem: bad token' "$work/hec-bad.out"; then
+    pass "hec test: ok with the right token, diagnoses a wrong one"
+else fail "hec test: $(head -c 500 "$work/hec-test.out") / $(head -c 500 "$work/hec-bad.out" 2>/dev/null)"; fi
 # A lifetime limit, so that the check means the same on either side of midnight.
 if wait_healthy && [[ $once == 200 && $(chat once-subkey gpt-4o) == 429 ]]; then pass "quotas: a used-up limit survives a restart"
 else fail "quotas: a used-up limit was forgotten across a restart"; fi
@@ -204,7 +244,7 @@ if "$BRIDGE" cert generate --cert "$work/cert.pem" --key "$work/key.pem" >/dev/n
     fail "cert: overwrote existing files without --force"
 else pass "cert: refuses to overwrite without --force"; fi
 if [[ $(stat -c %a "$work/key.pem") == 600 ]]; then pass "cert: key file is 0600"; else fail "cert: key file mode $(stat -c %a "$work/key.pem")"; fi
-tls_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
+tls_port=$(free_port)
 : >"$work/bridge.log"
 "${bridge_env[@]}" "$BRIDGE" --host 127.0.0.1 --ssl-only --ssl-port "$tls_port" --cert "$work/cert.pem" --key "$work/key.pem" \
     >"$work/bridge.log" 2>&1 </dev/null &

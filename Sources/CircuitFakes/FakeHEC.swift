@@ -22,6 +22,8 @@ public final class FakeHEC: Sendable {
         public var delay: Duration = .zero
         /// An event whose JSON contains this text is refused as malformed (code 6 with its number).
         public var poisonText: String?
+        /// A file each indexed event is appended to, one JSON line each (for scripts that run the fake apart).
+        public var eventLog: String?
         public init() {}
     }
 
@@ -62,6 +64,9 @@ public final class FakeHEC: Sendable {
                 answer = (failure.status, failure.body, answer.events, [])
             }
             for event in answer.indexed { await events.append(event) }
+            if let path = current.eventLog, !answer.indexed.isEmpty {
+                Self.append(answer.indexed.map { $0 + "\n" }.joined(), to: path)
+            }
             await deliveries.append(
                 Delivery(status: answer.status, gzipped: gzipped, channel: channel, eventCount: answer.events)
             )
@@ -90,6 +95,14 @@ public final class FakeHEC: Sendable {
     }
 
     public func stop() async { await server.stop() }
+
+    private static func append(_ text: String, to path: String) {
+        if !FileManager.default.fileExists(atPath: path) { FileManager.default.createFile(atPath: path, contents: nil) }
+        guard let file = FileHandle(forWritingAtPath: path) else { return }
+        defer { try? file.close() }
+        _ = try? file.seekToEnd()
+        try? file.write(contentsOf: Data(text.utf8))
+    }
 
     private static func splunk(_ status: Int, _ text: String, code: Int, event: Int? = nil) -> (Int, String) {
         let number = event.map { #", "invalid-event-number": \#($0)"# } ?? ""
