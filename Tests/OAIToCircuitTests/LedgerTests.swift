@@ -207,10 +207,17 @@ import Testing
         old.finishedAt = now - 91 * 86_400
         var recent = Self.entry(model: "gpt-4o")
         recent.finishedAt = now - 89 * 86_400
-        _ = try await store.commit([old, old, recent], events: [], purgingLogBefore: nil, purgeLimit: 10)
+        let event = OutboxEvent(kind: .usage, time: now, body: Array(#"{"x":1}"#.utf8))
+        _ = try await store.commit([old, old, recent], events: [event, event], purgingLogBefore: nil, purgeLimit: 10)
+        // Events Splunk refused go with the log rows of their age.
+        let pending = try await store.pendingEvents(after: 0, limit: 10)
+        try await store.deadLetter(pending[0], answer: "old", at: now - 91 * 86_400)
+        try await store.deadLetter(pending[1], answer: "recent", at: now - 89 * 86_400)
         let purged = try await store.commit([], events: [], purgingLogBefore: now - 90 * 86_400, purgeLimit: 10)
         #expect(purged == 2)
         #expect(try TestDatabase.count(path, "SELECT count(*) FROM request_log") == 1)
+        #expect(try TestDatabase.rows(path, "SELECT answer FROM splunk_dead_letter").map { $0["answer"] as String } == ["recent"])
+        #expect(try TestDatabase.count(path, "SELECT count(*) FROM splunk_outbox") == 0)
         // Totals are never purged.
         #expect(try TestDatabase.usage(path, subkey: "k", model: "gpt-4o")?.requests == 3)
         try await store.close()

@@ -374,7 +374,10 @@ public final class SQLiteLedger: LedgerStore {
                 """,
             arguments: [cutoff, purgeLimit]
         )
-        return db.changesCount
+        let purged = db.changesCount
+        // Events Splunk refused are kept as long as the request log (rare, so no batch limit is needed).
+        try db.execute(sql: "DELETE FROM splunk_dead_letter WHERE set_aside_at < ?", arguments: [cutoff])
+        return purged
     }
 
     public func report(_ query: UsageQuery) async throws -> [UsageReportRow] {
