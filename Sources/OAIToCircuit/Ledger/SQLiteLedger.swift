@@ -17,6 +17,9 @@ public final class SQLiteLedger: LedgerStore {
     /// A second connection that copies the WAL back into the database file, so that work (and its fsync) never
     /// runs inside a request's commit, as SQLite's automatic checkpoint would.
     private let checkpointer: DatabaseQueue?
+    /// A third connection for the Splunk shipper's reads, so that reading a few thousand pending events never holds
+    /// up a request's commit on the writer's queue (WAL lets it read beside the writer).
+    private let outboxReader: DatabaseQueue?
     private let checkpointState = Mutex((commits: 0, running: false))
     /// Commits between checkpoints: a few pages each, so the WAL stays around a thousand pages, SQLite's default.
     static let commitsPerCheckpoint = 200
@@ -24,10 +27,17 @@ public final class SQLiteLedger: LedgerStore {
     /// WAL frames past which a checkpoint runs between two commits (`maximumWALFrames`; tests change it).
     private let walFrameLimit: Int
 
-    private init(location: String, database: DatabaseQueue, checkpointer: DatabaseQueue?, walFrameLimit: Int) {
+    private init(
+        location: String,
+        database: DatabaseQueue,
+        checkpointer: DatabaseQueue? = nil,
+        outboxReader: DatabaseQueue? = nil,
+        walFrameLimit: Int
+    ) {
         self.location = location
         self.database = database
         self.checkpointer = checkpointer
+        self.outboxReader = outboxReader
         self.walFrameLimit = walFrameLimit
     }
 
@@ -49,7 +59,7 @@ public final class SQLiteLedger: LedgerStore {
         if readOnly {
             configuration.readonly = true
             let database = try DatabaseQueue(path: path, configuration: configuration)
-            return SQLiteLedger(location: path, database: database, checkpointer: nil, walFrameLimit: walFrameLimit)
+            return SQLiteLedger(location: path, database: database, walFrameLimit: walFrameLimit)
         }
         configuration.journalMode = .wal
         configuration.prepareDatabase { db in
@@ -62,7 +72,16 @@ public final class SQLiteLedger: LedgerStore {
         try migrator.disablingDeferredForeignKeyChecks().migrate(database)
         configuration.label = "ledger-checkpoint"
         let checkpointer = try DatabaseQueue(path: path, configuration: configuration)
-        return SQLiteLedger(location: path, database: database, checkpointer: checkpointer, walFrameLimit: walFrameLimit)
+        configuration.label = "ledger-outbox"
+        configuration.readonly = true
+        let outboxReader = try DatabaseQueue(path: path, configuration: configuration)
+        return SQLiteLedger(
+            location: path,
+            database: database,
+            checkpointer: checkpointer,
+            outboxReader: outboxReader,
+            walFrameLimit: walFrameLimit
+        )
     }
 
     /// Versioned migrations; each runs once per file, recorded in `grdb_migrations`.
@@ -490,7 +509,7 @@ public final class SQLiteLedger: LedgerStore {
     // MARK: Splunk outbox
 
     public func pendingEvents(after id: Int64, limit: Int) async throws -> [PendingEvent] {
-        try await database.read { db in
+        try await (outboxReader ?? database).read { db in
             try Row.fetchAll(
                 db,
                 sql: "SELECT id, kind, time, event FROM splunk_outbox WHERE id > ? ORDER BY id LIMIT ?",
@@ -553,6 +572,7 @@ public final class SQLiteLedger: LedgerStore {
     }
 
     public func close() async throws {
+        try outboxReader?.close()
         try checkpointer?.close()
         try database.close()
     }
