@@ -50,6 +50,7 @@ import Testing
         ("UPSTREAM_MAX_CONNECTIONS", "0"), ("USAGE_LOG_RETENTION_DAYS", "0"), ("SPLUNK_HEC_CHANNEL", "channel-1"),
         ("SPLUNK_BATCH_MAX_EVENTS", "0"), ("SPLUNK_BATCH_MAX_BYTES", "1"), ("SPLUNK_FLUSH_INTERVAL_MS", "soon"),
         ("SPLUNK_HEC_GZIP", "zip"), ("SPLUNK_HEC_TIMEOUT_SECONDS", "0"), ("SPLUNK_SPOOL_MAX_EVENTS", "10"),
+        ("SPLUNK_HEC_TOKEN", "secret token"), ("SPLUNK_HEC_TOKEN", "secret\ntoken"),
     ])
     func invalidValuesNameTheVariable(_ name: String, _ value: String) {
         #expect {
@@ -57,6 +58,7 @@ import Testing
         } throws: { error in
             (error as? ConfigurationError)?.name == name
                 && (error as? ConfigurationError)?.description.hasPrefix("invalid configuration: \(name): ") == true
+                && (error as? ConfigurationError)?.description.contains("secret") == false
         }
     }
 

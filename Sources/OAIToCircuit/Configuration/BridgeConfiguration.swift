@@ -144,7 +144,14 @@ public struct BridgeConfiguration: Sendable {
         if let path = env["QUOTAS_JSON_PATH"] { self.quotasJSONPath = path }
         if let days = try env.integer("USAGE_LOG_RETENTION_DAYS", in: 1...36_500) { self.usageLogRetentionDays = days }
         self.splunk.url = try env.url("SPLUNK_HEC_URL")
-        self.splunk.token = env["SPLUNK_HEC_TOKEN"]
+        if let token = env["SPLUNK_HEC_TOKEN"] {
+            // It goes into a header: a character a header cannot carry would fail every request, and the HTTP
+            // client's error would quote it. The value is never echoed.
+            guard token.utf8.allSatisfy({ (0x21...0x7E).contains($0) }) else {
+                throw ConfigurationError("SPLUNK_HEC_TOKEN", "must be printable ASCII without spaces (a Splunk token is a GUID)")
+            }
+            self.splunk.token = token
+        }
         if let source = env["SPLUNK_SOURCE"] { self.splunk.source = source }
         if let sourcetype = env["SPLUNK_SOURCETYPE"] { self.splunk.sourcetype = sourcetype }
         if let index = env["SPLUNK_INDEX"] { self.splunk.index = index }

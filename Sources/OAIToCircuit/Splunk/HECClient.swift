@@ -83,7 +83,10 @@ struct HECClient: Sendable {
             case .deadlineExceeded, .readTimeout: return "Splunk did not answer within SPLUNK_HEC_TIMEOUT_SECONDS"
             case .remoteConnectionClosed:
                 return "Splunk closed the connection without answering"
-            default: return "HTTP error: \(error)"
+            case .cancelled: return "cancelled"
+            default:
+                // Some of these carry header values (the token among them); only the kind is safe to show.
+                return "HTTP client error (\(error.shortDescription))"
             }
         }
         if let error = error as? IOError {
