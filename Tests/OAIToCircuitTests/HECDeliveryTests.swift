@@ -37,17 +37,37 @@ import Testing
         #expect(path.contains("/services/collector/event"))
         let bad = #"{"text": "Invalid data format", "code": 6, "invalid-event-number": 3}"#
         #expect(verdict(400, bad) == .rejected(eventNumber: 3, answer: bad))
-        #expect(verdict(400, #"{"text": "No data", "code": 5}"#) == .malformed(answer: #"{"text": "No data", "code": 5}"#))
-        #expect(verdict(400, "not json") == .malformed(answer: "not json"))
+        let unnamed = #"{"text": "Event field is required", "code": 12}"#
+        #expect(verdict(400, unnamed) == .malformed(answer: unnamed))
+        let negative = #"{"text": "Invalid data format", "code": 6, "invalid-event-number": -1}"#
+        #expect(verdict(400, negative) == .malformed(answer: negative))
+        // Only Splunk's per-event codes set events aside; any other 400 is a fault to fix, and everything is kept.
+        for body in [#"{"text": "No data", "code": 5}"#, "not json", "<html>Bad Request</html>", #"{"code": 16}"#] {
+            guard case .paused = verdict(400, body) else {
+                Issue.record("400 \(body) must pause")
+                continue
+            }
+        }
+        guard case .paused(let noData) = verdict(400, #"{"text": "No data", "code": 5}"#) else { return }
+        #expect(noData.contains("SPLUNK_HEC_GZIP"))
+        guard case .paused(let channel) = verdict(400, #"{"text": "Data channel is missing", "code": 10}"#) else {
+            Issue.record("code 10 must pause")
+            return
+        }
+        #expect(channel.contains("SPLUNK_HEC_CHANNEL"))
     }
 
     @Test func backoffDoublesFromOneSecondToAMinuteWithJitter() {
         var backoff = HECBackoff()
-        let steps = (0..<9).map { _ in backoff.next(unit: 0.999_999) }
+        let steps = (0..<9).map { _ in backoff.next(unit: 0) }
         #expect(steps.map { Int(($0 / .seconds(1)).rounded()) } == [1, 2, 4, 8, 16, 32, 60, 60, 60])
         backoff.reset()
-        #expect(backoff.next(unit: 0) == .milliseconds(500))
-        #expect(backoff.next(unit: 0.5) == .milliseconds(1500))
+        #expect(backoff.next(unit: 0.999_999) < .milliseconds(1501))
+        #expect(backoff.next(unit: 0.5) == .milliseconds(2500))
+        for _ in 0..<5 { _ = backoff.next(unit: 0.999_999) }
+        #expect(backoff.next(unit: 0.999_999) == .seconds(60))
+        var quick = HECBackoff(first: .milliseconds(50))
+        #expect(quick.next(unit: 0) == .milliseconds(50))
     }
 
     @Test func batchesStopAtTheEventOrByteLimit() {

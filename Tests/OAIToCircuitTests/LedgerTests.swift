@@ -267,6 +267,50 @@ import Testing
     }
 }
 
+extension LedgerTests {
+    /// While the database fails, kept records are bounded; refusals' events go first, so that a flood of refused
+    /// requests cannot push out the usage quotas count.
+    @Test func aFailingDatabaseDropsRefusalEventsBeforeUsage() async throws {
+        let spool = SplunkSpool(maximumEvents: 1_000, batchSize: 500)
+        let writer = LedgerWriter(
+            store: FailingStore(),
+            retentionDays: 90,
+            clock: .system,
+            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }),
+            metrics: nil,
+            spool: spool,
+            maximumUnwritten: 4
+        )
+        let refusal = OutboxEvent(kind: .error, time: 0, body: Array(#"{"event_type":"error"}"#.utf8))
+        for _ in 0..<3 { await writer.commit(event: refusal) }
+        for index in 0..<3 { await writer.commit(Self.entry(model: "m\(index)")) }
+        for _ in 0..<2 { await writer.commit(event: refusal) }
+        let health = writer.health
+        #expect(!health.isHealthy && health.unwritten == 3 && health.droppedRecords == 0)
+        #expect(spool.counts.pendingErrors == 1 && spool.counts.droppedErrors == 4)
+    }
+}
+
+/// A store whose every transaction fails.
+final class FailingStore: LedgerStore {
+    struct Broken: Error {}
+    var location: String { "broken" }
+    func commit(
+        _ entries: [LedgerEntry],
+        events: [OutboxEvent],
+        purgingLogBefore cutoff: Double?,
+        purgeLimit: Int
+    ) async throws -> Int { throw Broken() }
+    func snapshot(day: String, month: String) async throws -> LedgerSnapshot { LedgerSnapshot() }
+    func directory() async throws -> KeyDirectory { KeyDirectory() }
+    func report(_ query: UsageQuery) async throws -> [UsageReportRow] { [] }
+    func close() async throws {}
+    func pendingEvents(after id: Int64, limit: Int) async throws -> [PendingEvent] { [] }
+    func delivered(_ ids: ClosedRange<Int64>) async throws {}
+    func deadLetter(_ event: PendingEvent, answer: String, at time: Double) async throws {}
+    func outboxCounts() async throws -> OutboxCounts { OutboxCounts() }
+}
+
 /// A store whose first transaction waits until the test opens it, recording each transaction's size.
 final class GatedStore: LedgerStore {
     let started = Journal<Int>()

@@ -30,7 +30,7 @@ import Testing
     }
 
     @Test func usageEventHasTheContractsFields() throws {
-        let bytes = SplunkEvent.usage(entry(), envelope: envelope)
+        let bytes = envelope.wrap(SplunkEvent.usageEvent(entry()))
         let text = String(decoding: bytes, as: UTF8.self)
         #expect(
             text.hasPrefix(
@@ -58,7 +58,7 @@ import Testing
 
     @Test func disconnectedFailedAndBackfilledUsageEvents() throws {
         let event = try #require(
-            try object(SplunkEvent.usage(entry(disconnected: true, status: 429), envelope: envelope, backfill: true))["event"]
+            try object(envelope.wrap(SplunkEvent.usageEvent(entry(disconnected: true, status: 429), backfill: true)))["event"]
                 as? [String: Any]
         )
         #expect(event["client_disconnected"] as? Bool == true && event["backfill"] as? Bool == true)
@@ -75,7 +75,7 @@ import Testing
             clientAddress: "10.0.0.6",
             forwardedFor: ""
         )
-        let bytes = SplunkEvent.error(refusal, envelope: envelope)
+        let bytes = envelope.wrap(SplunkEvent.errorEvent(refusal))
         let object = try object(bytes)
         #expect(object["sourcetype"] as? String == "llm:usage:error")
         #expect(object["time"] as? Double == 1_795_945_845.5)
@@ -97,7 +97,7 @@ import Testing
         anonymous.caller = nil
         anonymous.model = nil
         anonymous.error = .subkeyRequired
-        let plain = try #require(try self.object(SplunkEvent.error(anonymous, envelope: envelope))["event"] as? [String: Any])
+        let plain = try #require(try self.object(envelope.wrap(SplunkEvent.errorEvent(anonymous)))["event"] as? [String: Any])
         #expect(
             plain["subkey"] as? String == "anonymous" && plain["model"] == nil
                 && plain["error_type"] as? String == "subkey_required"

@@ -18,7 +18,8 @@ import Synchronization
 /// answered all the same (bookkeeping never holds an answer back for ever).
 public final class LedgerWriter: Sendable {
     /// How many records a failing database may hold in memory for a later attempt; beyond that the oldest go.
-    static let maximumUnwritten = 100_000
+    public static let maximumUnwritten = 100_000
+    private let maximumUnwritten: Int
     /// Request-log rows removed per transaction when old rows are due to go, so a purge never makes a long one.
     static let purgeBatch = 5_000
     /// How often old request-log rows are looked for.
@@ -69,8 +70,10 @@ public final class LedgerWriter: Sendable {
         clock: BridgeClock,
         logger: Logger,
         metrics: BridgeMetrics?,
-        spool: SplunkSpool? = nil
+        spool: SplunkSpool? = nil,
+        maximumUnwritten: Int = LedgerWriter.maximumUnwritten
     ) {
+        self.maximumUnwritten = maximumUnwritten
         self.store = store
         self.retention = Double(retentionDays) * PeriodCalendar.secondsPerDay
         self.clock = clock
@@ -191,12 +194,26 @@ public final class LedgerWriter: Sendable {
             let (dropped, firstFailure) = state.withLock { state -> ([Item], Bool) in
                 let firstFailure = state.health.isHealthy
                 var kept = items + state.unwritten
-                let dropped = Array(kept.prefix(max(0, kept.count - Self.maximumUnwritten)))
-                kept.removeFirst(dropped.count)
+                // Over the bound, refusals' events go first, oldest first: a flood of refused requests while the
+                // database fails must not push out the usage that quotas count.
+                var dropped: [Item] = []
+                var excess = kept.count - maximumUnwritten
+                if excess > 0 {
+                    kept.removeAll { item in
+                        guard excess > 0, item.entry == nil else { return false }
+                        dropped.append(item)
+                        excess -= 1
+                        return true
+                    }
+                    if excess > 0 {
+                        dropped += kept.prefix(excess)
+                        kept.removeFirst(excess)
+                    }
+                }
                 state.unwritten = kept
                 state.health.isHealthy = false
                 state.health.lastError = description
-                state.health.unwritten = kept.count
+                state.health.unwritten = kept.count(where: { $0.entry != nil })
                 state.health.droppedRecords += dropped.count(where: { $0.entry != nil })
                 return (dropped, firstFailure)
             }

@@ -147,6 +147,7 @@ public enum BridgeServer {
                 spool: made,
                 envelope: SplunkEnvelope(splunk),
                 tuning: tuning,
+                initial: outbox,
                 clock: clock,
                 metrics: metrics,
                 logger: logger
@@ -317,6 +318,8 @@ public enum BridgeServer {
             var members: [ServiceGroupConfiguration.ServiceConfiguration] = []
             if let shipper = assembly.shipper { members.append(.init(service: shipper)) }
             members += [.init(service: assembly.writer), .init(service: assembly.reloader), .init(service: services)]
+            // Last, so it hears the signal first: the shipper's drain must end within the same grace period.
+            if let shipper = assembly.shipper { members.append(.init(service: HECShipper.ShutdownWatch(shipper: shipper))) }
             var group = ServiceGroupConfiguration(
                 services: members,
                 gracefulShutdownSignals: [.sigterm, .sigint],

@@ -13,6 +13,7 @@ struct HECClient: Sendable {
     let httpClient: HTTPClient
     let url: String
     private let authorization: String
+    private let token: String
     let channel: String?
     let gzip: Bool
     let timeout: Duration
@@ -34,6 +35,7 @@ struct HECClient: Sendable {
         self.httpClient = HTTPClient(eventLoopGroup: MultiThreadedEventLoopGroup.singleton, configuration: configuration)
         self.url = url
         self.authorization = "Splunk " + token
+        self.token = token
         self.channel = settings.channel
         self.gzip = settings.gzip
         self.timeout = settings.timeout
@@ -72,7 +74,15 @@ struct HECClient: Sendable {
             if chunk.readableBytes > room { chunk = chunk.getSlice(at: chunk.readerIndex, length: room) ?? chunk }
             answer.writeBuffer(&chunk)
         }
-        return (Int(response.status.code), answer)
+        return (Int(response.status.code), redacted(answer))
+    }
+
+    /// The answer without the token, should something between echo the request's headers: it is logged, stored
+    /// with events set aside, and printed by `hec test`.
+    private func redacted(_ answer: ByteBuffer) -> ByteBuffer {
+        let text = String(buffer: answer)
+        guard text.contains(token) else { return answer }
+        return ByteBuffer(string: text.replacingOccurrences(of: token, with: "[SPLUNK_HEC_TOKEN]"))
     }
 
     /// A transport error, described for the log, `/health` and `hec test` (never with a header or the token).

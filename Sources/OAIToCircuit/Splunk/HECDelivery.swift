@@ -16,8 +16,13 @@ enum HECVerdict: Equatable, Sendable {
     /// 400 naming one event: those before it were indexed, it is set aside with Splunk's answer, the rest are sent
     /// again.
     case rejected(eventNumber: Int, answer: String)
-    /// 400 naming no event: something in the batch is malformed; halve the batch until the event is found.
+    /// 400 with a per-event code but naming no event: something in the batch is malformed; halve the batch until
+    /// the event is found.
     case malformed(answer: String)
+
+    /// Splunk's codes for one bad event (invalid data format, event field missing or blank, bad indexed fields):
+    /// only these set an event aside. Any other 400 is taken as a fault to fix, not an event to drop.
+    static let perEventCodes: Set<Int> = [6, 12, 13, 15]
 
     /// Classifies Splunk's answer (`nil` body when there was none).
     static func of(status: Int, body: ByteBuffer?) -> HECVerdict {
@@ -40,10 +45,18 @@ enum HECVerdict: Equatable, Sendable {
                     "Splunk wants a data channel (code \(code ?? 10)): the token has indexer acknowledgement on; set SPLUNK_HEC_CHANNEL to a GUID"
             )
         case 400 where code == 5:
-            // "No data": nothing this side can fix by resending; treat as malformed to isolate the cause.
-            return .malformed(answer: answer)
+            return .paused(
+                reason:
+                    "Splunk found no data in the request (code 5): something between may change the body; try SPLUNK_HEC_GZIP=false"
+            )
         case 400:
-            if let eventNumber { return .rejected(eventNumber: eventNumber, answer: answer) }
+            guard let code, perEventCodes.contains(code) else {
+                return .paused(
+                    reason: "Splunk answered 400 \(code.map { "(code \($0))" } ?? "with an answer that is not Splunk's"): "
+                        + "check SPLUNK_HEC_URL and any proxy in between"
+                )
+            }
+            if let eventNumber, eventNumber >= 0 { return .rejected(eventNumber: eventNumber, answer: answer) }
             return .malformed(answer: answer)
         case 413:
             return .tooLarge
@@ -69,8 +82,8 @@ enum HECVerdict: Equatable, Sendable {
     }
 }
 
-/// Exponential backoff with jitter: 1 s doubling to 60 s, each wait drawn between half and all of its step, so
-/// that several bridges do not retry in step.
+/// Exponential backoff with jitter: 1 s doubling to 60 s, each wait drawn between its step and half as much again
+/// (never above 60 s), so that several bridges do not retry in step.
 struct HECBackoff: Sendable {
     static let longest: Duration = .seconds(60)
     let first: Duration
@@ -82,7 +95,7 @@ struct HECBackoff: Sendable {
     mutating func next(unit: Double) -> Duration {
         let step = min(Self.longest, first * (1 << min(failures, 6)))
         failures += 1
-        return step * (0.5 + 0.5 * unit)
+        return min(Self.longest, step * (1 + 0.5 * unit))
     }
 
     mutating func reset() { failures = 0 }
@@ -111,5 +124,12 @@ enum HECBatch {
             count += 1
         }
         return (count, payload)
+    }
+
+    /// The HEC events of `events`, concatenated.
+    static func payload(_ events: [PendingEvent], envelope: SplunkEnvelope) -> [UInt8] {
+        var payload: [UInt8] = []
+        for pending in events { envelope.wrap(pending.event, into: &payload) }
+        return payload
     }
 }

@@ -8,13 +8,15 @@ import Synchronization
 ///
 /// Splunk's answers decide the rest (`HECVerdict`): transport errors, timeouts, 5xx, 429 and 408 are retried with
 /// backoff (1 s doubling to 60 s, with jitter), one batch at a time until one gets through; a bad token, an unknown
-/// index or a wrong path pause delivery (everything kept, tried again every `pauseInterval`) and say why in
-/// `/health` and the log; 413 splits a batch; an event Splunk refuses as malformed is kept aside in the dead-letter
-/// table with Splunk's answer, and the events after it are sent again.
+/// index, a wrong path or an answer that is not Splunk's pause delivery (everything kept, tried again every
+/// `pauseInterval`) and say why in `/health` and the log; 413 splits a batch (and lowers the byte limit); an event
+/// Splunk refuses as malformed is kept aside in the dead-letter table with Splunk's answer, and the events after it
+/// are sent again. Should Splunk refuse event after event with nothing accepted in between, delivery pauses
+/// instead: a systematic fault (a proxy mangling bodies) must not empty the outbox into the dead-letter table.
 ///
-/// As a `Service` it runs beside the listeners and, at shutdown, sends what is left while Splunk answers, for at
-/// most the grace period; what it cannot send stays in the outbox for the next start. `hec replay` runs the same
-/// loop over the request log (`ship(until:)`).
+/// As a `Service` it runs beside the listeners and, at shutdown, sends what is left while Splunk answers, until
+/// the grace period (counted from the signal) is nearly over; what it cannot send stays in the outbox for the next
+/// start. `hec replay` runs the same loop over the request log (`ship(maximumFailures:)`).
 public final class HECShipper: Sendable {
     public struct Status: Sendable {
         public var lastSuccessAt: Double?
@@ -22,9 +24,11 @@ public final class HECShipper: Sendable {
         public var lastErrorAt: Double?
         /// Why delivery is paused (a configuration problem), while it is.
         public var paused: String?
+        /// Events delivered since start.
         public var sent = 0
+        /// Events in the dead-letter table.
         public var deadLettered = 0
-        /// Age of the oldest event the shipper holds, in seconds.
+        /// Age of the oldest event waiting, in seconds.
         public var oldestPendingAge = 0.0
     }
 
@@ -45,9 +49,11 @@ public final class HECShipper: Sendable {
         public var firstRetry: Duration = .seconds(1)
         /// How often a paused delivery (bad token, unknown index) is tried again.
         public var pauseInterval: Duration = .seconds(30)
-        /// How long a shutdown may spend sending what is left.
+        /// How long a shutdown may spend sending what is left (from the signal, when `shutdownBegan()` is told).
         public var drainLimit: Duration = .seconds(30)
-        /// Told the status after every round of sends (tests await progress with it).
+        /// Events set aside in a row, with none accepted in between, after which delivery pauses instead.
+        public var setAsideRunLimit = 10
+        /// Told the status after every round of sends and every idle wake (tests await progress with it).
         public var observe: (@Sendable (Status) -> Void)?
 
         init() {}
@@ -68,9 +74,12 @@ public final class HECShipper: Sendable {
     }
 
     private struct Control {
-        var draining = false
-        var drainDeadline = ContinuousClock.Instant.now
+        /// When shutdown began (the signal): the drain ends shortly before the grace period does.
+        var shutdownBegan: ContinuousClock.Instant?
+        var drainDeadline: ContinuousClock.Instant?
         var status = Status()
+        /// Time of the oldest event waiting, for `oldestPendingAge`.
+        var oldest: Double?
     }
 
     let client: HECClient
@@ -84,12 +93,14 @@ public final class HECShipper: Sendable {
     private let logger: Logger
     private let control = Mutex(Control())
 
+    /// `initial`: what the outbox held at start (its oldest event, the dead-letter count).
     init(
         client: HECClient,
         outbox: any SplunkOutbox,
         spool: SplunkSpool?,
         envelope: SplunkEnvelope,
         tuning: Tuning,
+        initial: OutboxCounts = OutboxCounts(),
         clock: BridgeClock = .system,
         metrics: BridgeMetrics?,
         logger: Logger
@@ -103,86 +114,108 @@ public final class HECShipper: Sendable {
         self.clock = clock
         self.metrics = metrics
         self.logger = logger
+        control.withLock { control in
+            control.status.deadLettered = initial.deadLettered
+            control.oldest = initial.oldest
+        }
     }
 
-    public var status: Status { control.withLock { $0.status } }
+    public var status: Status {
+        let now = clock.now()
+        return control.withLock { control in
+            var status = control.status
+            status.oldestPendingAge = control.oldest.map { max(0, now - $0) } ?? 0
+            return status
+        }
+    }
 
-    /// Stops waiting for full batches and sends everything, for at most `drainLimit`.
+    /// The shutdown signal arrived (the listeners are finishing their requests): the drain that follows must end
+    /// before the grace period does.
+    func shutdownBegan() {
+        control.withLock { control in
+            if control.shutdownBegan == nil { control.shutdownBegan = .now }
+        }
+    }
+
+    /// Stops waiting for full batches and sends everything, until `drainLimit` after the signal (less a second, so
+    /// that no batch is cut off by the group's own deadline).
     func beginDrain() {
         control.withLock { control in
-            guard !control.draining else { return }
-            control.draining = true
-            control.drainDeadline = .now + tuning.drainLimit
+            guard control.drainDeadline == nil else { return }
+            let start = control.shutdownBegan ?? .now
+            control.drainDeadline = max(.now, start + tuning.drainLimit - .seconds(1))
         }
         doorbell.ring()
     }
 
-    private var drainDeadline: ContinuousClock.Instant? {
-        control.withLock { $0.draining ? $0.drainDeadline : nil }
-    }
+    private var drainDeadline: ContinuousClock.Instant? { control.withLock { $0.drainDeadline } }
 
     // MARK: The loop
 
-    /// Ships until cancelled or, once draining, until nothing is left (or Splunk fails, or the drain deadline
-    /// passes). `maximumFailures` ends it after that many failed attempts in a row, and at the first pause
-    /// (`hec replay`: a command does not wait for an operator to fix a token).
-    func ship(maximumFailures: Int? = nil) async -> Outcome {
+    /// The loop's own state: what has been read, what waits to be sent again, and what Splunk took but the outbox
+    /// has not yet been told.
+    private struct Shipment {
         var outcome = Outcome()
         var cursor: Int64 = 0
         var readAhead: [PendingEvent] = []
         var retries: [Batch] = []
         var moreInOutbox = true
         var due = true
-        var backoff = HECBackoff(first: tuning.firstRetry)
+        var backoff: HECBackoff
         var resumeAt: ContinuousClock.Instant?
         var failures = 0
+        /// Lowered by 413 answers.
+        var maximumBytes: Int
+        /// Events set aside since Splunk last accepted one.
+        var setAsideRun = 0
+        /// Delivered runs whose removal from the outbox failed, tried again each round.
+        var unacknowledged: [ArraySlice<PendingEvent>] = []
+        var unfiled: [(PendingEvent, String)] = []
+        var readFailures = 0
+
+        var oldest: Double? {
+            [retries.first?.events.first?.event.time, readAhead.first?.event.time].compactMap { $0 }.min()
+        }
+    }
+
+    /// Ships until cancelled or, once draining, until nothing is left (or Splunk fails, or the drain deadline
+    /// passes). `maximumFailures` ends it after that many failed attempts in a row, and at the first pause
+    /// (`hec replay`: a command does not wait for an operator to fix a token).
+    func ship(maximumFailures: Int? = nil) async -> Outcome {
+        var run = Shipment(backoff: HECBackoff(first: tuning.firstRetry), maximumBytes: tuning.maximumBytes)
 
         while !Task.isCancelled {
+            await settle(&run)
             let deadline = drainDeadline
             if let deadline, ContinuousClock.now >= deadline { break }
-            if let waitUntil = resumeAt, ContinuousClock.now < waitUntil {
+            if let waitUntil = run.resumeAt, ContinuousClock.now < waitUntil {
                 // Splunk is failing: a shutdown does not wait for it (what is left ships after the next start).
                 if deadline != nil { break }
                 await doorbell.wait(timeout: ContinuousClock.now.duration(to: waitUntil))
                 continue
             }
-            let capacity = resumeAt == nil ? tuning.inFlight : 1
-            if readAhead.count < tuning.maximumEvents * capacity, moreInOutbox || due || deadline != nil {
-                let unread = spool?.takeUnread() ?? 0
-                do {
-                    let limit = tuning.maximumEvents * capacity - readAhead.count
-                    let read = try await outbox.pendingEvents(after: cursor, limit: limit)
-                    cursor = read.last?.id ?? cursor
-                    readAhead += read
-                    moreInOutbox = read.count == limit
-                    due = false
-                } catch {
-                    spool?.committed(unread)  // keep the hint for the next attempt
-                    logger.error(
-                        "cannot read the Splunk outbox",
-                        metadata: ["error": "\(LedgerWriter.describe(error))"]
-                    )
-                    await doorbell.wait(timeout: tuning.firstRetry)
-                    continue
-                }
+            let capacity = run.resumeAt == nil ? tuning.inFlight : 1
+            if run.readAhead.count < tuning.maximumEvents * capacity, run.moreInOutbox || run.due || deadline != nil {
+                guard await read(&run, capacity: capacity) else { continue }
             }
             var batches: [Batch] = []
-            while batches.count < capacity, !retries.isEmpty { batches.append(retries.removeFirst()) }
-            while batches.count < capacity, !readAhead.isEmpty {
+            while batches.count < capacity, !run.retries.isEmpty { batches.append(run.retries.removeFirst()) }
+            while batches.count < capacity, !run.readAhead.isEmpty {
                 let (count, payload) = HECBatch.take(
-                    readAhead[...],
+                    run.readAhead[...],
                     envelope: envelope,
                     maximumEvents: tuning.maximumEvents,
-                    maximumBytes: tuning.maximumBytes
+                    maximumBytes: run.maximumBytes
                 )
-                batches.append(Batch(events: Array(readAhead.prefix(count)), payload: payload))
-                readAhead.removeFirst(count)
+                batches.append(Batch(events: Array(run.readAhead.prefix(count)), payload: payload))
+                run.readAhead.removeFirst(count)
             }
             if batches.isEmpty {
-                updateGauges(oldest: nil)
+                noteOldest(nil)
+                tuning.observe?(status)
                 if deadline != nil || maximumFailures != nil { break }
                 await doorbell.wait(timeout: tuning.flushInterval)
-                due = true
+                run.due = true
                 continue
             }
 
@@ -193,52 +226,99 @@ public final class HECShipper: Sendable {
                 switch verdict {
                 case .delivered:
                     answered = true
-                    await acknowledge(batch.events[...], outcome: &outcome)
+                    await acknowledge(batch.events[...], in: &run)
                 case .retry(let reason), .paused(let reason):
-                    retries.append(batch)
+                    run.retries.append(batch)
                     metrics?.splunkRetried(batch.events.count)
                     let paused = if case .paused = verdict { true } else { false }
                     if failed == nil || paused { failed = (reason, paused) }
                 case .tooLarge:
                     answered = true
-                    await split(batch, answer: "413 Content too large", into: &retries, outcome: &outcome)
+                    // This Splunk takes less than SPLUNK_BATCH_MAX_BYTES: stay under what it refused from now on.
+                    run.maximumBytes = max(1, min(run.maximumBytes, batch.payload.count / 2))
+                    await split(batch, answer: "413 Content too large", in: &run)
                 case .malformed(let answer):
                     answered = true
-                    await split(batch, answer: answer, into: &retries, outcome: &outcome)
+                    await split(batch, answer: answer, in: &run)
                 case .rejected(let number, let answer):
                     answered = true
                     guard number < batch.events.count else {
-                        await split(batch, answer: answer, into: &retries, outcome: &outcome)
+                        await split(batch, answer: answer, in: &run)
                         continue
                     }
-                    await acknowledge(batch.events[..<number], outcome: &outcome)
-                    await setAside(batch.events[number], answer: answer, outcome: &outcome)
+                    await acknowledge(batch.events[..<number], in: &run)
                     let rest = Array(batch.events[(number + 1)...])
-                    if !rest.isEmpty { retries.append(self.batch(rest)) }
+                    if !rest.isEmpty { run.retries.append(self.batch(rest)) }
+                    if run.setAsideRun >= tuning.setAsideRunLimit {
+                        // Refused again and again with nothing accepted: not a bad event but a fault.
+                        run.retries.append(self.batch([batch.events[number]]))
+                        failed = (
+                            "Splunk refused \(run.setAsideRun) events in a row as malformed (\(answer.prefix(200))); "
+                                + "delivery is paused rather than setting everything aside: check proxies and "
+                                + "SPLUNK_HEC_GZIP",
+                            true
+                        )
+                    } else {
+                        await setAside(batch.events[number], answer: answer, in: &run)
+                    }
                 }
             }
-            retries.sort { $0.events[0].id < $1.events[0].id }
-            defer { tuning.observe?(status) }
-            updateGauges(oldest: retries.first?.events.first?.event.time ?? readAhead.first?.event.time)
+            run.retries.sort { $0.events[0].id < $1.events[0].id }
+            noteOldest(run.oldest)
 
             if let (reason, paused) = failed {
-                failures += 1
-                let wait = paused ? tuning.pauseInterval : backoff.next(unit: Double.random(in: 0..<1))
-                resumeAt = .now + wait
-                noteFailure(reason, paused: paused, firstInARun: failures == 1, retryIn: wait)
-                if let maximumFailures, paused || failures >= maximumFailures {
-                    outcome.failure = reason
+                run.failures += 1
+                let wait = paused ? tuning.pauseInterval : run.backoff.next(unit: Double.random(in: 0..<1))
+                run.resumeAt = .now + wait
+                noteFailure(reason, paused: paused, firstInARun: run.failures == 1, retryIn: wait)
+                tuning.observe?(status)
+                if let maximumFailures, paused || run.failures >= maximumFailures {
+                    run.outcome.failure = reason
                     break
                 }
-            } else if answered {
-                if resumeAt != nil { logger.notice("Splunk accepts events again", metadata: ["after_failures": "\(failures)"]) }
-                resumeAt = nil
-                failures = 0
-                backoff.reset()
-                control.withLock { $0.status.paused = nil }
+            } else {
+                if answered {
+                    if run.resumeAt != nil {
+                        logger.notice("Splunk accepts events again", metadata: ["after_failures": "\(run.failures)"])
+                    }
+                    run.resumeAt = nil
+                    run.failures = 0
+                    run.backoff.reset()
+                    control.withLock { $0.status.paused = nil }
+                }
+                tuning.observe?(status)
             }
         }
-        return outcome
+        await settle(&run)
+        return run.outcome
+    }
+
+    /// Reads more of the outbox. `false` after a failure (it waited; the loop starts again).
+    private func read(_ run: inout Shipment, capacity: Int) async -> Bool {
+        let unread = spool?.takeUnread() ?? 0
+        do {
+            let limit = tuning.maximumEvents * capacity - run.readAhead.count
+            let read = try await outbox.pendingEvents(after: run.cursor, limit: limit)
+            run.cursor = read.last?.id ?? run.cursor
+            run.readAhead += read
+            run.moreInOutbox = read.count == limit
+            run.due = false
+            run.readFailures = 0
+            return true
+        } catch {
+            spool?.restore(unread)
+            guard !Task.isCancelled else { return false }
+            run.readFailures += 1
+            let metadata: Logger.Metadata = ["error": "\(LedgerWriter.describe(error))"]
+            if run.readFailures == 1 {
+                logger.error("cannot read the Splunk outbox; trying again", metadata: metadata)
+            } else {
+                logger.debug("cannot read the Splunk outbox again", metadata: metadata)
+            }
+            let wait = min(HECBackoff.longest, tuning.firstRetry * (1 << min(run.readFailures - 1, 6)))
+            try? await Task.sleep(for: wait)
+            return false
+        }
     }
 
     /// Sends the batches side by side; results in the batches' order.
@@ -263,76 +343,94 @@ public final class HECShipper: Sendable {
         }
     }
 
-    /// A 413 or a malformed batch without an event number: halves are sent again (no backoff: Splunk answered);
-    /// a single event is set aside.
-    private func split(_ batch: Batch, answer: String, into retries: inout [Batch], outcome: inout Outcome) async {
+    /// A 413, or a batch malformed somewhere Splunk did not say: halves are sent again (no backoff: Splunk
+    /// answered); a single event is set aside.
+    private func split(_ batch: Batch, answer: String, in run: inout Shipment) async {
         guard batch.events.count > 1 else {
-            await setAside(batch.events[0], answer: answer, outcome: &outcome)
+            await setAside(batch.events[0], answer: answer, in: &run)
             return
         }
         let half = batch.events.count / 2
-        retries.append(self.batch(Array(batch.events[..<half])))
-        retries.append(self.batch(Array(batch.events[half...])))
+        run.retries.append(self.batch(Array(batch.events[..<half])))
+        run.retries.append(self.batch(Array(batch.events[half...])))
     }
 
     private func batch(_ events: [PendingEvent]) -> Batch {
-        var payload: [UInt8] = []
-        for pending in events { envelope.wrap(pending.event, into: &payload) }
-        return Batch(events: events, payload: payload)
+        Batch(events: events, payload: HECBatch.payload(events, envelope: envelope))
     }
 
-    private func acknowledge(_ events: ArraySlice<PendingEvent>, outcome: inout Outcome) async {
-        guard let first = events.first, let last = events.last else { return }
-        do {
-            try await outbox.delivered(first.id...last.id)
-        } catch {
-            logger.error(
-                "cannot remove delivered events from the Splunk outbox; they will be sent again after a restart",
-                metadata: ["error": "\(LedgerWriter.describe(error))", "events": "\(events.count)"]
-            )
-        }
-        let errors = events.count(where: { $0.event.kind == .error })
-        spool?.release(usage: events.count - errors, errors: errors)
+    /// Splunk has `events`: they leave the outbox (now, or in a later round if that fails).
+    private func acknowledge(_ events: ArraySlice<PendingEvent>, in run: inout Shipment) async {
+        guard !events.isEmpty else { return }
+        run.setAsideRun = 0
         metrics?.splunkSent(events.count)
-        outcome.sent += events.count
+        run.outcome.sent += events.count
         let now = clock.now()
         control.withLock { control in
             control.status.sent += events.count
             control.status.lastSuccessAt = now
         }
+        run.unacknowledged.append(events)
+        await settle(&run)
     }
 
-    private func setAside(_ event: PendingEvent, answer: String, outcome: inout Outcome) async {
+    private func setAside(_ event: PendingEvent, answer: String, in run: inout Shipment) async {
         let answer = String(answer.prefix(2_000))
-        do {
-            try await outbox.deadLetter(event, answer: answer, at: clock.now())
-        } catch {
-            logger.error(
-                "cannot move a refused event to the dead-letter table",
-                metadata: ["error": "\(LedgerWriter.describe(error))"]
-            )
-        }
-        spool?.release(usage: event.event.kind == .usage ? 1 : 0, errors: event.event.kind == .error ? 1 : 0)
+        run.setAsideRun += 1
         metrics?.splunkDeadLettered()
-        outcome.deadLettered += 1
+        run.outcome.deadLettered += 1
         control.withLock { $0.status.deadLettered += 1 }
         logger.warning(
-            "Splunk refused an event as malformed; it is kept in splunk_dead_letter and not sent again",
+            "Splunk refused an event as malformed; it is set aside and not sent again",
             metadata: ["answer": "\(answer)", "outbox_id": "\(event.id)", "kind": "\(event.event.kind.rawValue)"]
         )
+        run.unfiled.append((event, answer))
+        await settle(&run)
+    }
+
+    /// Tells the outbox what Splunk took and what was set aside; what fails is kept and tried again next round, and
+    /// its places in the spool are given back only once it is done.
+    private func settle(_ run: inout Shipment) async {
+        while let events = run.unacknowledged.first {
+            do {
+                try await outbox.delivered(events.first!.id...events.last!.id)
+            } catch {
+                logger.error(
+                    "cannot remove delivered events from the Splunk outbox; trying again",
+                    metadata: ["error": "\(LedgerWriter.describe(error))", "events": "\(events.count)"]
+                )
+                return
+            }
+            run.unacknowledged.removeFirst()
+            let errors = events.count(where: { $0.event.kind == .error })
+            spool?.release(usage: events.count - errors, errors: errors)
+        }
+        while let (event, answer) = run.unfiled.first {
+            do {
+                try await outbox.deadLetter(event, answer: answer, at: clock.now())
+            } catch {
+                logger.error(
+                    "cannot move a refused event to the dead-letter table; trying again",
+                    metadata: ["error": "\(LedgerWriter.describe(error))"]
+                )
+                return
+            }
+            run.unfiled.removeFirst()
+            spool?.release(usage: event.event.kind == .usage ? 1 : 0, errors: event.event.kind == .error ? 1 : 0)
+        }
     }
 
     private func noteFailure(_ reason: String, paused: Bool, firstInARun: Bool, retryIn wait: Duration) {
         let now = clock.now()
-        let (changed, pending) = control.withLock { control -> (Bool, Int) in
+        let changed = control.withLock { control -> Bool in
             let changed = control.status.lastError != reason || firstInARun
             control.status.lastError = reason
             control.status.lastErrorAt = now
             control.status.paused = paused ? reason : nil
-            return (changed, spool?.counts.pending ?? 0)
+            return changed
         }
         let metadata: Logger.Metadata = [
-            "reason": "\(reason)", "pending": "\(pending)", "retry_in_ms": "\(wait.milliseconds)",
+            "reason": "\(reason)", "pending": "\(spool?.counts.pending ?? 0)", "retry_in_ms": "\(wait.milliseconds)",
         ]
         if paused, changed {
             logger.error("Splunk delivery paused; events are kept", metadata: metadata)
@@ -343,10 +441,11 @@ public final class HECShipper: Sendable {
         }
     }
 
-    private func updateGauges(oldest: Double?) {
-        let age = oldest.map { max(0, clock.now() - $0) } ?? 0
-        control.withLock { $0.status.oldestPendingAge = age }
-        if let spool { metrics?.splunkPending(spool.counts, oldestAge: age) }
+    /// Records the oldest event waiting (`nil`: none the shipper holds) and updates the gauges.
+    private func noteOldest(_ oldest: Double?) {
+        control.withLock { $0.oldest = oldest }
+        guard let spool, let metrics else { return }
+        metrics.splunkPending(spool.counts, oldestAge: status.oldestPendingAge)
     }
 }
 
@@ -363,6 +462,17 @@ extension HECShipper: Service {
         let left = spool?.counts.pending ?? 0
         if left > 0 {
             logger.notice("Splunk events left for the next start", metadata: ["events": "\(left)", "sent": "\(outcome.sent)"])
+        }
+    }
+
+    /// A service that only notes when shutdown begins: placed after the listeners, it hears the signal first, so the
+    /// shipper (which drains last) knows how much of the grace period is left.
+    struct ShutdownWatch: Service {
+        let shipper: HECShipper
+
+        func run() async throws {
+            try? await gracefulShutdown()
+            shipper.shutdownBegan()
         }
     }
 }

@@ -97,16 +97,6 @@ public enum SplunkEvent {
         return OutboxEvent(kind: .error, time: refusal.finishedAt, body: out.finish())
     }
 
-    /// The whole HEC event of an answered request, envelope included.
-    public static func usage(_ entry: LedgerEntry, envelope: SplunkEnvelope, backfill: Bool = false) -> [UInt8] {
-        envelope.wrap(usageEvent(entry, backfill: backfill))
-    }
-
-    /// The whole HEC event of a refusal, envelope included.
-    public static func error(_ refusal: RefusalRecord, envelope: SplunkEnvelope) -> [UInt8] {
-        envelope.wrap(errorEvent(refusal))
-    }
-
     /// Epoch seconds with six decimals, written from whole microseconds so no float formatting can add noise.
     static func epoch(_ seconds: Double) -> String {
         let micros = Int64((seconds * 1_000_000).rounded())

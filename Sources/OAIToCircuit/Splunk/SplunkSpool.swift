@@ -83,14 +83,23 @@ public final class SplunkSpool: Sendable {
         }
     }
 
-    /// `count` events are committed: wake the shipper once they make a full batch.
-    func committed(_ count: Int) {
-        guard count > 0 else { return }
+    /// `count` events are committed: wake the shipper when they make a full batch (once: not again with each
+    /// commit while it is busy or waiting out a failure).
+    @discardableResult
+    func committed(_ count: Int) -> Bool {
+        guard count > 0 else { return false }
         let full = state.withLock { state in
+            let before = state.unread
             state.unread += count
-            return state.unread >= batchSize
+            return before < batchSize && state.unread >= batchSize
         }
         if full { doorbell.ring() }
+        return full
+    }
+
+    /// Puts back what `takeUnread()` took, when the read it was for failed (without waking anyone).
+    func restore(_ count: Int) {
+        state.withLock { $0.unread += count }
     }
 
     /// How many events were committed since the last call (a hint that the outbox has more to read).
@@ -142,6 +151,7 @@ final class Doorbell: Sendable {
                         state.rung = false
                         return true
                     }
+                    precondition(state.waiter == nil, "a doorbell has one waiter")
                     state.waiter = continuation
                     return false
                 }
