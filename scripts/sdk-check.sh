@@ -179,7 +179,9 @@ for _ in $(seq 200); do
 import json, os, sys
 path = sys.argv[1]
 events = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-print(len({e["event"]["request_id"] for e in events if e["sourcetype"] == "llm:usage"}))
+usage = [e["event"]["request_id"] for e in events if e["sourcetype"] == "llm:usage"]
+# Each once: Splunk refused connections until it started, so nothing can have been sent twice.
+print(len(usage) if len(usage) == len(set(usage)) else -1)
 PYEOF
 )
     (( delivered >= answered )) && break
