@@ -20,6 +20,8 @@ public final class SQLiteLedger: LedgerStore {
     /// A third connection for the Splunk shipper's reads, so that reading a few thousand pending events never holds
     /// up a request's commit on the writer's queue (WAL lets it read beside the writer).
     private let outboxReader: DatabaseQueue?
+    /// The next Splunk outbox id: above every id in the table at open, and never handed out twice while open.
+    private let nextOutboxID: Mutex<Int64>
     private let checkpointState = Mutex((commits: 0, running: false))
     /// Commits between checkpoints: a few pages each, so the WAL stays around a thousand pages, SQLite's default.
     static let commitsPerCheckpoint = 200
@@ -32,8 +34,10 @@ public final class SQLiteLedger: LedgerStore {
         database: DatabaseQueue,
         checkpointer: DatabaseQueue? = nil,
         outboxReader: DatabaseQueue? = nil,
+        nextOutboxID: Int64 = 1,
         walFrameLimit: Int
     ) {
+        self.nextOutboxID = Mutex(nextOutboxID)
         self.location = location
         self.database = database
         self.checkpointer = checkpointer
@@ -75,11 +79,15 @@ public final class SQLiteLedger: LedgerStore {
         configuration.label = "ledger-outbox"
         configuration.readonly = true
         let outboxReader = try DatabaseQueue(path: path, configuration: configuration)
+        let lastOutboxID = try database.read { db in
+            try Int64.fetchOne(db, sql: "SELECT max(id) FROM splunk_outbox") ?? 0
+        }
         return SQLiteLedger(
             location: path,
             database: database,
             checkpointer: checkpointer,
             outboxReader: outboxReader,
+            nextOutboxID: lastOutboxID + 1,
             walFrameLimit: walFrameLimit
         )
     }
@@ -140,17 +148,17 @@ public final class SQLiteLedger: LedgerStore {
             }
         }
         migrator.registerMigration("2 splunk outbox") { db in
-            // AUTOINCREMENT: ids never go back, even once every row is delivered and deleted, so the shipper's
-            // cursor (the last id it read) never skips a new event.
+            // Ids are given by the writer (`nextOutboxID`), never by SQLite: a rowid would start again below the
+            // shipper's cursor once every row is delivered and deleted, and AUTOINCREMENT costs a page write a commit.
             try db.execute(
                 sql: """
                     CREATE TABLE splunk_outbox (
-                      id INTEGER PRIMARY KEY AUTOINCREMENT,
+                      id INTEGER PRIMARY KEY,
                       kind TEXT NOT NULL CHECK (kind IN ('usage', 'error')),
                       time REAL NOT NULL,
                       event BLOB NOT NULL);
                     CREATE TABLE splunk_dead_letter (
-                      id INTEGER PRIMARY KEY,
+                      id INTEGER PRIMARY KEY, outbox_id INTEGER NOT NULL,
                       kind TEXT NOT NULL, time REAL NOT NULL, event BLOB NOT NULL,
                       set_aside_at REAL NOT NULL, answer TEXT NOT NULL);
                     """
@@ -260,7 +268,7 @@ public final class SQLiteLedger: LedgerStore {
         let purged = try await withCheckedThrowingContinuation { continuation in
             database.asyncWrite(
                 { db in
-                    try Self.queue(events, db)
+                    try self.queue(events, db)
                     return try Self.write(entries, purgingLogBefore: cutoff, purgeLimit: purgeLimit, db)
                 },
                 completion: { _, result in continuation.resume(with: result) }
@@ -296,11 +304,17 @@ public final class SQLiteLedger: LedgerStore {
         }
     }
 
-    private static func queue(_ events: [OutboxEvent], _ db: Database) throws {
+    /// Runs on the writer's queue, one transaction after another, so ids grow in commit order (a failed
+    /// transaction leaves a gap, which is harmless).
+    private func queue(_ events: [OutboxEvent], _ db: Database) throws {
         guard !events.isEmpty else { return }
-        let insert = try db.cachedStatement(sql: "INSERT INTO splunk_outbox (kind, time, event) VALUES (?, ?, ?)")
-        for event in events {
-            try insert.execute(arguments: [event.kind.rawValue, event.time, Data(event.body)])
+        let first = nextOutboxID.withLock { next in
+            defer { next += Int64(events.count) }
+            return next
+        }
+        let insert = try db.cachedStatement(sql: "INSERT INTO splunk_outbox (id, kind, time, event) VALUES (?, ?, ?, ?)")
+        for (offset, event) in events.enumerated() {
+            try insert.execute(arguments: [first + Int64(offset), event.kind.rawValue, event.time, Data(event.body)])
         }
     }
 
@@ -535,7 +549,7 @@ public final class SQLiteLedger: LedgerStore {
         try await write { db in
             try db.execute(
                 sql: """
-                    INSERT OR REPLACE INTO splunk_dead_letter (id, kind, time, event, set_aside_at, answer)
+                    INSERT INTO splunk_dead_letter (outbox_id, kind, time, event, set_aside_at, answer)
                     VALUES (?, ?, ?, ?, ?, ?)
                     """,
                 arguments: [event.id, event.event.kind.rawValue, event.event.time, Data(event.event.body), time, answer]
