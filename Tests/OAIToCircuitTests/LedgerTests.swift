@@ -102,7 +102,7 @@ import Testing
         // The table is still the earlier bridge's, so it could still read the file.
         let columns = try TestDatabase.rows(path, "PRAGMA table_info(usage)").map { $0["name"] as String }
         #expect(columns == ["subkey", "model", "requests", "prompt_tokens", "completion_tokens", "total_tokens"])
-        #expect(try TestDatabase.count(path, "SELECT count(*) FROM grdb_migrations") == 2)
+        #expect(try TestDatabase.count(path, "SELECT count(*) FROM grdb_migrations") == 3)
     }
 
     /// The earlier bridge never enforced key_lifecycle's foreign keys: a dangling `replaced_by` must not stop this one.

@@ -8,7 +8,9 @@ public struct OAIToCircuitCommand: AsyncParsableCommand {
         commandName: "oai-to-circuit",
         abstract: "An OpenAI-compatible gateway to Cisco's Circuit API.",
         version: BridgeVersion.current,
-        subcommands: [ServeCommand.self, CertCommand.self, QuotasCommand.self, UsageCommand.self, HECCommand.self],
+        subcommands: [
+            ServeCommand.self, CertCommand.self, QuotasCommand.self, UsageCommand.self, KeysCommand.self, HECCommand.self,
+        ],
         defaultSubcommand: ServeCommand.self
     )
 

@@ -46,6 +46,7 @@ struct QuotasCommand: AsyncParsableCommand {
             )
             inspector.directory = try await ledger.directory()
             inspector.ledgerKeys = try await ledger.ledgerKeys()
+            inspector.registry = try await ledger.keyRegistry()
             try await ledger.close()
         } catch {
             printError("error: cannot read \(path): \(LedgerWriter.describe(error))")

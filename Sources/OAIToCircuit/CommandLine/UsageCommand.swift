@@ -61,9 +61,13 @@ struct UsageCommand: AsyncParsableCommand {
             do {
                 let ledger = try SQLiteLedger.open(path: path, readOnly: true)
                 let directory = try await ledger.directory()
-                names = Self.names(directory: directory, environment: environment)
+                let registry = try await ledger.keyRegistry()
+                names = Self.names(directory: directory, registry: registry, environment: environment)
                 if let subkey {
                     var ids: Set<String> = [subkey, SubkeyDigest(subkey).keyID]
+                    // A managed key's secret names its id.
+                    let digest = SubkeyDigest(subkey)
+                    for secret in registry.secrets where SubkeyDigest(hash: secret.hash) == digest { ids.insert(secret.keyID) }
                     for (id, name) in names where name == subkey || name.hasPrefix(subkey + " <") { ids.insert(id) }
                     query.keyIDs = ids
                 }
@@ -76,8 +80,12 @@ struct UsageCommand: AsyncParsableCommand {
             print(UsageReport(rows: rows, grouping: grouping, names: names).render(format), terminator: "")
         }
 
-        /// Names by key id: the earlier bridge's friendly names, else the policy entry's position.
-        static func names(directory: KeyDirectory, environment: [String: String]) -> [String: String] {
+        /// Names by key id: the registry's names, the earlier bridge's friendly names, else the policy entry's position.
+        static func names(
+            directory: KeyDirectory,
+            registry: KeyRegistryContents,
+            environment: [String: String]
+        ) -> [String: String] {
             var names: [String: String] = [:]
             let source: PolicySource =
                 environment["QUOTAS_JSON"].map { .inline($0) } ?? .file(environment["QUOTAS_JSON_PATH"] ?? "quotas.json")
@@ -88,6 +96,7 @@ struct UsageCommand: AsyncParsableCommand {
                 guard let name = entry.friendlyName else { continue }
                 names[digest.keyID] = entry.email.map { "\(name) <\($0)>" } ?? name
             }
+            for key in registry.keys { names[key.id] = key.email.map { "\(key.name) <\($0)>" } ?? key.name }
             return names
         }
     }

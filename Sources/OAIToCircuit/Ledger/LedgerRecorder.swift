@@ -15,6 +15,9 @@ public struct LedgerRecorder: UsageRecorder {
     }
 
     public func record(_ usage: UsageRecord) async {
+        var usage = usage
+        let caller = enforcer.current(usage.caller)
+        if caller.keyID != usage.caller.keyID { usage.admission.caller = caller }
         enforcer.charge(usage.admission, usage: usage.usage)
         let entry = LedgerEntry(usage)
         await writer.commit(entry, event: writer.spool == nil ? nil : SplunkEvent.usageEvent(entry))

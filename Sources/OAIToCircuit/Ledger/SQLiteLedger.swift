@@ -7,19 +7,20 @@ import Synchronization
 ///
 /// Tables: `usage` exactly as the earlier bridge wrote it (lifetime totals; its files are used in place);
 /// `usage_period` (daily and monthly totals per key id); `request_log` (one row per answered request, kept
-/// `USAGE_LOG_RETENTION_DAYS`); `splunk_outbox` (Splunk events committed with the usage they describe, until
+/// `USAGE_LOG_RETENTION_DAYS`); `managed_key`, `managed_key_secret` and `managed_key_history` (the keys registry, see
+/// `KeyTables`); `splunk_outbox` (Splunk events committed with the usage they describe, until
 /// Splunk has them) and `splunk_dead_letter` (events Splunk refused as malformed, with its answer). The earlier
 /// bridge's `monthly_usage`, `subkey_names` and `key_lifecycle` are read, never written. Outside `usage` a
 /// policy-file key appears only hashed.
 public final class SQLiteLedger: LedgerStore {
     public let location: String
-    private let database: DatabaseQueue
+    let database: DatabaseQueue
     /// A second connection that copies the WAL back into the database file, so that work (and its fsync) never
     /// runs inside a request's commit, as SQLite's automatic checkpoint would.
     private let checkpointer: DatabaseQueue?
     /// A third connection for the Splunk shipper's reads, so that reading a few thousand pending events never holds
     /// up a request's commit on the writer's queue (WAL lets it read beside the writer).
-    private let outboxReader: DatabaseQueue?
+    let outboxReader: DatabaseQueue?
     /// The next Splunk outbox id: above every id in the table at open, and never handed out twice while open.
     private let nextOutboxID: Mutex<Int64>
     private let checkpointState = Mutex((commits: 0, running: false))
@@ -163,6 +164,9 @@ public final class SQLiteLedger: LedgerStore {
                       set_aside_at REAL NOT NULL, answer TEXT NOT NULL);
                     """
             )
+        }
+        migrator.registerMigration("3 keys registry") { db in
+            try KeyTables.create(db)
         }
         return migrator
     }
@@ -475,8 +479,10 @@ public final class SQLiteLedger: LedgerStore {
             arguments += [model]
         }
         var rows: [UsageReportRow] = []
+        // A managed key's `usage.subkey` is its id already.
+        let managed = try db.tableExists("managed_key") ? Set(try String.fetchAll(db, sql: "SELECT id FROM managed_key")) : []
         for row in try Row.fetchAll(db, sql: sql, arguments: arguments) {
-            let keyID = LedgerKeys.keyID(forLedgerKey: row["subkey"])
+            let keyID = LedgerKeys.keyID(forLedgerKey: row["subkey"], isManaged: managed.contains)
             if let keep = query.keyIDs, !keep.contains(keyID) { continue }
             let start: String? = periodColumn.flatMap { row[$0] }
             rows.append(UsageReportRow(keyID: keyID, model: row["model"], period: start, tally: tally(row)))

@@ -21,6 +21,16 @@ public struct ModelPattern: Sendable, CustomStringConvertible {
 
     public var description: String { text }
 
+    /// `*`: every model.
+    public static let anyModel = ModelPattern(anyModel: ())
+
+    private init(anyModel: Void) {
+        self.text = "*"
+        self.kind = .any
+        self.regex = nil
+        self.weight = 0
+    }
+
     /// Throws when `text` starts with `re:` but is not a valid regular expression.
     init(_ text: String) throws(PolicyError) {
         self.text = text

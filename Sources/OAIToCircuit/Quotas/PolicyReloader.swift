@@ -5,7 +5,8 @@ import UnixSignals
 
 /// Reloads the quota policy on SIGHUP and when its file changes (checked every `pollInterval`), swapping the new
 /// one in at once. A policy that does not parse or validate leaves the old one in force; the error is logged and
-/// shown in `/health` until a good one loads. SIGHUP also re-reads the earlier bridge's key names and states.
+/// shown in `/health` until a good one loads. SIGHUP also re-reads the earlier bridge's key names and states and the
+/// keys registry; each poll also compares the registry's version (a change whose key-change bell was not rung).
 public final class PolicyReloader: Service, Sendable {
     public struct Status: Sendable {
         public var source: String
@@ -27,6 +28,7 @@ public final class PolicyReloader: Service, Sendable {
     let source: PolicySource
     let enforcer: QuotaEnforcer
     let store: (any LedgerStore)?
+    let keys: LiveKeyRegistry?
     let pollInterval: Duration
     let clock: BridgeClock
     let logger: Logger
@@ -42,6 +44,7 @@ public final class PolicyReloader: Service, Sendable {
         stamp: FileStamp?,
         enforcer: QuotaEnforcer,
         store: (any LedgerStore)?,
+        keys: LiveKeyRegistry? = nil,
         pollInterval: Duration = .seconds(2),
         clock: BridgeClock,
         logger: Logger
@@ -49,6 +52,7 @@ public final class PolicyReloader: Service, Sendable {
         self.source = source
         self.enforcer = enforcer
         self.store = store
+        self.keys = keys
         self.pollInterval = pollInterval
         self.clock = clock
         self.logger = logger
@@ -73,11 +77,13 @@ public final class PolicyReloader: Service, Sendable {
                     await self.reload(trigger: "SIGHUP")
                 }
             }
-            if case .file = source {
+            let watchesFile = if case .file = source { true } else { false }
+            if watchesFile || keys != nil {
                 group.addTask {
                     while !Task.isCancelled {
                         try? await Task.sleep(for: self.pollInterval)
-                        if !Task.isCancelled { await self.reloadIfChanged() }
+                        if !Task.isCancelled, watchesFile { await self.reloadIfChanged() }
+                        if !Task.isCancelled { await self.keys?.poll() }
                     }
                 }
             }
@@ -103,6 +109,9 @@ public final class PolicyReloader: Service, Sendable {
             // refuse everyone: the policy in force stays. (At start, a missing file is an empty policy.)
             guard source.exists else { throw PolicyError("\(source): no such file") }
             let policy = try source.load()
+            if let keys, let problem = Self.missingTemplates(in: policy, usedBy: keys) {
+                throw PolicyError("\(source): \(problem)")
+            }
             enforcer.replace(policy: policy)
             state.withLock { state in
                 state.stamp = stamp
@@ -130,6 +139,7 @@ public final class PolicyReloader: Service, Sendable {
             )
             outcome = .rejected(error.message)
         }
+        if trigger == "SIGHUP", let keys { await keys.reload() }
         if trigger == "SIGHUP", let store {
             do {
                 enforcer.replace(directory: try await store.directory())
@@ -138,5 +148,14 @@ public final class PolicyReloader: Service, Sendable {
             }
         }
         outcomeSink.yield(outcome)
+    }
+
+    /// Why `policy` cannot serve the registry's keys: a template active managed keys name that it does not define.
+    static func missingTemplates(in policy: QuotaPolicy, usedBy keys: LiveKeyRegistry) -> String? {
+        let missing = keys.templatesInUse.filter { policy.templates[$0.key] == nil }.sorted { $0.key < $1.key }
+        guard let (template, users) = missing.first else { return nil }
+        return "template '\(template)' is used by managed \(users.count == 1 ? "key" : "keys") "
+            + users.sorted().joined(separator: ", ")
+            + " but not defined in _templates; keep it, or give those keys another (keys update)"
     }
 }

@@ -118,7 +118,8 @@ public final class QuotaEnforcer: SubkeyAuthorizer, AdmissionPolicy {
     // MARK: SubkeyAuthorizer
 
     public func authorize(subkey: String?) async throws(BridgeError) -> Caller {
-        try authorizeNow(subkey: subkey)
+        if subkey != nil, let registry { await registry.refreshIfChanged() }
+        return try authorizeNow(subkey: subkey)
     }
 
     func authorizeNow(subkey: String?) throws(BridgeError) -> Caller {
@@ -154,6 +155,11 @@ public final class QuotaEnforcer: SubkeyAuthorizer, AdmissionPolicy {
     private func resolveLimits(_ digest: SubkeyDigest, model: String, in state: State) throws(BridgeError) -> QuotaLimits {
         if let managed = registry?.key(for: digest) {
             guard managed.isActive else { throw .unauthorizedSubkey }
+            // A template the policy no longer defines refuses every model: its limits are unknown, and falling back
+            // to no limits would be the costly mistake. (A reload that drops a template in use is rejected.)
+            if let template = managed.template, state.policy.templates[template] == nil {
+                return QuotaLimits(requests: 0, totalTokens: nil, period: .lifetime)
+            }
             let rules = state.policy.effectiveRules(template: managed.template, own: managed.rules)
             return QuotaPolicy.limits(in: rules, for: model)
         }
@@ -208,6 +214,43 @@ public final class QuotaEnforcer: SubkeyAuthorizer, AdmissionPolicy {
             state.counters[key] = counter
         }
         return Admission(caller: caller, model: model, admittedAt: now)
+    }
+
+    /// The caller a request now belongs to: a policy-file caller whose subkey was imported into the registry while
+    /// the request ran becomes the managed key, so its usage is charged and written under the key's id.
+    public func current(_ caller: Caller) -> Caller {
+        guard let digest = caller.digest, caller.ledgerKey == caller.subkey, let managed = registry?.key(for: digest)
+        else { return caller }
+        return Caller(
+            subkey: caller.subkey,
+            keyID: managed.keyID,
+            ledgerKey: managed.keyID,
+            friendlyName: managed.friendlyName,
+            email: managed.email
+        )
+    }
+
+    /// Moves the counters of keys imported into the registry from their old hashed ids to their ids, so an import
+    /// while the bridge runs neither forgets their usage nor lets them start again from zero.
+    public func adopt(aliases: [String: String]) {
+        guard !aliases.isEmpty else { return }
+        let day = PeriodCalendar.day(clock.now())
+        let month = PeriodCalendar.month(ofDay: day)
+        state.withLock { state in
+            for (key, var counter) in state.counters {
+                guard let keyID = aliases[key.keyID] else { continue }
+                state.counters[key] = nil
+                let target = CounterKey(keyID: keyID, model: key.model)
+                var merged = state.counters[target] ?? Counter(day: day, month: month)
+                merged.roll(day: day, month: month)
+                counter.roll(day: day, month: month)
+                merged.lifetime.add(counter.lifetime)
+                merged.daily.add(counter.daily)
+                merged.monthly.add(counter.monthly)
+                merged.limits = nil
+                state.counters[target] = merged
+            }
+        }
     }
 
     /// Whole seconds until a periodic limit starts again (at least 1); `nil` for lifetime limits.
@@ -303,4 +346,10 @@ public protocol KeyRegistry: Sendable {
     func contains(keyID: String) -> Bool
     /// Changes whenever a key's rules or state change, so the enforcer knows its cached limits are stale.
     var generation: Int { get }
+    /// Called before each authorisation: brings the registry up to date when it changed (cheap when it did not).
+    func refreshIfChanged() async
+}
+
+extension KeyRegistry {
+    public func refreshIfChanged() async {}
 }

@@ -10,6 +10,8 @@ public struct QuotaInspector: Sendable {
     public var snapshot: LedgerSnapshot?
     /// Every `usage.subkey` of the ledger (to find keys only the earlier bridge's tables know).
     public var ledgerKeys: [String]
+    /// The keys registry (it wins over the policy for a key both know).
+    public var registry = KeyRegistryContents()
     public var now: Double
 
     public init(
@@ -56,18 +58,23 @@ public struct QuotaInspector: Sendable {
                 out += "  no rules: every model, no limits\n"
                 continue
             }
-            var rows = [["pattern", "requests", "total_tokens", "period", "from"]]
-            for entry in subject.rules {
-                rows.append([
-                    entry.pattern.text, Self.describe(entry.rule.requests), Self.describe(entry.rule.totalTokens),
-                    entry.rule.period?.rawValue ?? "-", entry.origins.map(\.description).joined(separator: ", "),
-                ])
-            }
-            out += TextTable.render(rows, rightAligned: [1, 2], indent: "  ")
+            out += Self.rulesTable(subject.rules)
         }
         guard let snapshot else { return out }
         out += "\n" + overLimits(snapshot)
         return out
+    }
+
+    /// Effective rules, most specific first, with the layers each came from.
+    static func rulesTable(_ rules: [PolicyRule], indent: String = "  ") -> String {
+        var rows = [["pattern", "requests", "total_tokens", "period", "from"]]
+        for entry in rules {
+            rows.append([
+                entry.pattern.text, describe(entry.rule.requests), describe(entry.rule.totalTokens),
+                entry.rule.period?.rawValue ?? "-", entry.origins.map(\.description).joined(separator: ", "),
+            ])
+        }
+        return TextTable.render(rows, rightAligned: [1, 2], indent: indent)
     }
 
     private static func describe(_ limit: QuotaLimit?) -> String {
@@ -135,8 +142,9 @@ public struct QuotaInspector: Sendable {
             out += "\n\(count(refused.count, "subkey")) in this policy that key_lifecycle marks revoked or replaced "
             out += "(refused): " + refused.map { "#\($0.ordinal) \($0.keyID)" }.joined(separator: ", ") + "\n"
         }
-        let unknown = Set(ledgerKeys.map { LedgerKeys.keyID(forLedgerKey: $0) }).subtracting(policy.subjects.values.map(\.keyID))
-            .subtracting([Caller.anonymousKey])
+        let managed = Set(registry.keys.map(\.id))
+        let unknown = Set(ledgerKeys.map { LedgerKeys.keyID(forLedgerKey: $0, isManaged: managed.contains) })
+            .subtracting(policy.subjects.values.map(\.keyID)).subtracting(managed).subtracting([Caller.anonymousKey])
         if !unknown.isEmpty {
             out += "\n\(count(unknown.count, "key")) with usage in the ledger but not in this policy (refused if presented).\n"
         }
@@ -148,15 +156,37 @@ public struct QuotaInspector: Sendable {
     /// Why a request of `subkey` for `model` would be admitted or refused now. `nil` when the policy does not name
     /// the subkey.
     public func explain(subkey: String, model: String) -> (text: String, authorised: Bool) {
+        let digest = SubkeyDigest(subkey)
+        if let secret = registry.secrets.first(where: { SubkeyDigest(hash: $0.hash) == digest }),
+            let key = registry.keys.first(where: { $0.id == secret.keyID })
+        {
+            var out = "managed key \(key.id) \(key.name)\(key.email.map { " <\($0)>" } ?? "")\nmodel: \(model)\n"
+            guard key.status == .active, secret.isValid(at: now) else {
+                let why = key.status == .active ? "this secret was rotated away" : "the key is \(key.status.rawValue)"
+                return (out + "refused (403 unauthorized_subkey): \(why)\n", false)
+            }
+            if let template = key.template, policy.templates[template] == nil {
+                out += "refused (403 model_not_allowed): the policy does not define its template '\(template)'\n"
+                return (out, true)
+            }
+            let own = (try? key.rules.map { try QuotaPolicy.parseRules(Array($0.utf8), source: "rules") }) ?? nil
+            let rules = policy.effectiveRules(template: key.template, own: own ?? [])
+            return (out + explain(rules: rules, keyID: key.id, model: model), true)
+        }
         guard let subject = policy.subject(for: subkey) else {
-            return ("\(SubkeyDigest(subkey).keyID): not in \(source): refused (403 unauthorized_subkey)\n", false)
+            return ("\(digest.keyID): not in \(source) nor the keys registry: refused (403 unauthorized_subkey)\n", false)
         }
-        var out = "\(name(subject))\nmodel: \(model)\n"
+        let out = "\(name(subject))\nmodel: \(model)\n"
         if let state = directory.entries[subject.digest], state.isRefused {
-            out += "refused (403 unauthorized_subkey): key_lifecycle marks it \(state.status ?? "")\n"
-            return (out, false)
+            return (out + "refused (403 unauthorized_subkey): key_lifecycle marks it \(state.status ?? "")\n", false)
         }
-        let matching = subject.rules.filter { $0.pattern.matches(model) }
+        return (out + explain(rules: subject.rules, keyID: subject.keyID, model: model), true)
+    }
+
+    /// The rules that decide a request of `model`, what they leave, and the verdict.
+    private func explain(rules: [PolicyRule], keyID: String, model: String) -> String {
+        var out = ""
+        let matching = rules.filter { $0.pattern.matches(model) }
         if matching.isEmpty {
             out += "no rule matches: no limits\n"
         } else {
@@ -174,15 +204,15 @@ public struct QuotaInspector: Sendable {
             }
             out += TextTable.render(rows, rightAligned: [], indent: "  ")
         }
-        let limits = subject.limits(for: model)
+        let limits = QuotaPolicy.limits(in: rules, for: model)
         out += "in force: requests \(limits.requests.map(String.init) ?? "unlimited")"
         out += ", total_tokens \(limits.totalTokens.map(String.init) ?? "unlimited"), period \(limits.period.rawValue)\n"
         if limits.isBlocked {
             out += "refused (403 model_not_allowed): a limit of 0 or below blocks the model\n"
-            return (out, true)
+            return out
         }
         let today = PeriodCalendar.day(now)
-        let used = usage(of: subject.keyID, model: model, period: limits.period, today: today)
+        let used = usage(of: keyID, model: model, period: limits.period, today: today)
         let span: String
         switch limits.period {
         case .lifetime: span = "in total"
@@ -204,7 +234,7 @@ public struct QuotaInspector: Sendable {
         } else {
             out += "admitted now\n"
         }
-        return (out, true)
+        return out
     }
 
     private func usage(of keyID: String, model: String, period: QuotaPeriod, today: Int) -> Tally {
@@ -212,7 +242,8 @@ public struct QuotaInspector: Sendable {
         var tally = Tally()
         switch period {
         case .lifetime:
-            for row in snapshot.lifetime where row.model == model && LedgerKeys.keyID(forLedgerKey: row.key) == keyID {
+            for row in snapshot.lifetime
+            where row.model == model && (row.key == keyID || LedgerKeys.keyID(forLedgerKey: row.key) == keyID) {
                 tally.add(row.tally)
             }
         case .daily:

@@ -114,6 +114,8 @@ public struct PolicySubject: Sendable {
     public let template: String?
     /// Most specific first.
     public let rules: [PolicyRule]
+    /// Its own rules as the file writes them (without `_global` and its template): what `keys import` keeps.
+    public let ownRules: [(pattern: ModelPattern, rule: QuotaRule)]
     /// Its position among the file's subkeys (1-based), to name it in messages without naming the secret.
     public let ordinal: Int
 
@@ -145,6 +147,8 @@ public struct QuotaPolicy: Sendable {
     public private(set) var subjects: [SubkeyDigest: PolicySubject] = [:]
     public private(set) var global: [(pattern: ModelPattern, rule: QuotaRule)] = []
     public private(set) var templates: [String: Template] = [:]
+    /// Subkeys the earlier bridge marked revoked with a `_REVOKED_<subkey>` entry.
+    public private(set) var revokedMarkers: Set<SubkeyDigest> = []
     /// Things worth telling the operator that do not make the policy invalid.
     public private(set) var warnings: [String] = []
 
@@ -225,6 +229,46 @@ public struct QuotaPolicy: Sendable {
         return try parser.parse(members)
     }
 
+    /// A managed key's own rules: a JSON object of model patterns to rules, as a subkey's entry in the file writes
+    /// them. `source` names it in messages.
+    public static func parseRules(
+        _ bytes: [UInt8],
+        source: String
+    ) throws(PolicyError) -> [(pattern: ModelPattern, rule: QuotaRule)] {
+        let document: JSONValue
+        do {
+            document = try JSONValue.parse(bytes)
+        } catch {
+            throw PolicyError("\(source): not valid JSON")
+        }
+        var parser = Parser(source: source)
+        return try parser.rules(document, at: "rules")
+    }
+
+    /// Rules as JSON in the file's own form (`{"gpt-4o": {"requests": 10, "period": "daily"}}`), fields a rule does
+    /// not set left out, and `null` for an explicit "no limit". Fields this bridge ignores are not kept.
+    public static func rulesJSON(_ rules: [(pattern: ModelPattern, rule: QuotaRule)]) -> String {
+        var out: [UInt8] = [UInt8(ascii: "{")]
+        for (index, (pattern, rule)) in rules.enumerated() {
+            if index > 0 { out += Array(", ".utf8) }
+            JSONString.encode(pattern.text, into: &out)
+            var writer = JSONObjectWriter()
+            func limit(_ name: String, _ value: QuotaLimit?) {
+                switch value {
+                case nil: break
+                case .unlimited: writer.number(name, exact: "null")
+                case .limit(let number): writer.number(name, exact: String(number))
+                }
+            }
+            limit("requests", rule.requests)
+            limit("total_tokens", rule.totalTokens)
+            if let period = rule.period { writer.string("period", period.rawValue) }
+            out += Array(": ".utf8) + writer.finish()
+        }
+        out.append(UInt8(ascii: "}"))
+        return String(decoding: out, as: UTF8.self)
+    }
+
     private struct Parser {
         let source: String
         var policy = QuotaPolicy()
@@ -239,6 +283,9 @@ public struct QuotaPolicy: Sendable {
         }
         var entries: [Entry] = []
         var entryIndex: [String: Int] = [:]
+
+        /// The earlier bridge's `rotate_key.py` left `_REVOKED_<subkey>` beside a revoked subkey's zeroed rules.
+        static let revokedPrefix = "_REVOKED_"
 
         init(source: String) { self.source = source }
 
@@ -271,6 +318,9 @@ public struct QuotaPolicy: Sendable {
                         try parseUser(user.key, user.value)
                     }
                 case _ where member.key.hasPrefix("_"):
+                    if member.key.hasPrefix(Self.revokedPrefix), member.key.count > Self.revokedPrefix.count {
+                        policy.revokedMarkers.insert(SubkeyDigest(String(member.key.dropFirst(Self.revokedPrefix.count))))
+                    }
                     ignoredEntries += 1
                 default:
                     try parseUser(member.key, member.value)
@@ -456,6 +506,7 @@ public struct QuotaPolicy: Sendable {
                     digest: digest,
                     template: entry.template,
                     rules: policy.effectiveRules(template: entry.template, own: own),
+                    ownRules: own,
                     ordinal: position + 1
                 )
             }
@@ -483,23 +534,51 @@ public struct QuotaPolicy: Sendable {
     }
 }
 
-/// SHA-256 of a subkey. The policy and the key registry look keys up by it (so lookup time says nothing about the
-/// key), and its first 8 bytes in hex are the key's non-secret id.
+/// SHA-256 of a subkey. The policy and the key registry look keys up by it, so neither ever compares a secret, and
+/// its equality is constant-time: how long a lookup takes says nothing about how close a guess came. Its first 8
+/// bytes in hex are a policy-file key's non-secret id.
 public struct SubkeyDigest: Hashable, Sendable {
-    public let bytes: SHA256.Digest
+    /// The 32 bytes as four big-endian words.
+    private let words: (UInt64, UInt64, UInt64, UInt64)
 
     public init(_ subkey: String) {
-        self.bytes = SHA256.hash(data: Array(subkey.utf8))
+        self.words = SHA256.hash(data: Array(subkey.utf8)).withUnsafeBytes(Self.words)
+    }
+
+    /// A digest already computed (as the registry stores it); `nil` unless it has 32 bytes.
+    public init?(hash bytes: [UInt8]) {
+        guard bytes.count == 32 else { return nil }
+        self.words = bytes.withUnsafeBytes(Self.words)
+    }
+
+    private static func words(_ raw: UnsafeRawBufferPointer) -> (UInt64, UInt64, UInt64, UInt64) {
+        func word(_ index: Int) -> UInt64 { UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: index * 8, as: UInt64.self)) }
+        return (word(0), word(1), word(2), word(3))
+    }
+
+    /// The 32 bytes.
+    public var bytes: [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(32)
+        for word in [words.0, words.1, words.2, words.3] {
+            for shift in stride(from: 56, through: 0, by: -8) { out.append(UInt8(truncatingIfNeeded: word >> UInt64(shift))) }
+        }
+        return out
     }
 
     /// `sha256:` and the first 16 hex digits, as logs, the ledger and Splunk name a policy-file key.
-    public var keyID: String {
-        let hex = Array("0123456789abcdef".utf8)
-        var text = "sha256:"
-        for byte in bytes.prefix(8) {
-            text.unicodeScalars.append(Unicode.Scalar(hex[Int(byte >> 4)]))
-            text.unicodeScalars.append(Unicode.Scalar(hex[Int(byte & 0xF)]))
-        }
-        return text
+    public var keyID: String { Self.keyID(ofHash: bytes) }
+
+    /// Every word is compared, whatever differs first.
+    public static func == (lhs: SubkeyDigest, rhs: SubkeyDigest) -> Bool {
+        ((lhs.words.0 ^ rhs.words.0) | (lhs.words.1 ^ rhs.words.1) | (lhs.words.2 ^ rhs.words.2) | (lhs.words.3 ^ rhs.words.3))
+            == 0
+    }
+
+    public func hash(into hasher: inout Hasher) {
+        hasher.combine(words.0)
+        hasher.combine(words.1)
+        hasher.combine(words.2)
+        hasher.combine(words.3)
     }
 }

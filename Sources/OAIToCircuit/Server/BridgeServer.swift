@@ -79,6 +79,8 @@ public enum BridgeServer {
         public var store: any LedgerStore
         /// Set when Splunk delivery is on (`SPLUNK_HEC_URL` and `SPLUNK_HEC_TOKEN`).
         public var shipper: HECShipper?
+        /// The keys registry read from the database (unless a test gave its own).
+        public var keys: LiveKeyRegistry?
 
         /// Writes what a failing database left behind and closes it (after the listeners have stopped).
         public func close() async {
@@ -114,11 +116,26 @@ public enum BridgeServer {
                     + LedgerWriter.describe(error)
             )
         }
+        var keys: LiveKeyRegistry?
         let today = PeriodCalendar.day(clock.now())
         let snapshot: LedgerSnapshot
         let directory: KeyDirectory
         let outbox: OutboxCounts
         do {
+            if registry == nil {
+                let bell = KeyChangeBell(databasePath: store.location, create: true)
+                if bell == nil {
+                    logger.warning(
+                        "cannot map the key-change bell beside the database; key changes take effect within seconds",
+                        metadata: ["path": "\(KeyChangeBell.path(forDatabase: store.location))"]
+                    )
+                }
+                let live = try await LiveKeyRegistry(source: store, bell: bell, clock: clock, logger: logger)
+                live.bellPath = KeyChangeBell.path(forDatabase: store.location)
+                // Rows that requests in flight during a `keys import` wrote under the imported keys' old names.
+                if !live.aliases.isEmpty { _ = try await store.foldImportedKeys(live.contents, now: clock.now()) }
+                keys = live
+            }
             snapshot = try await store.snapshot(
                 day: PeriodCalendar.dayString(today),
                 month: PeriodCalendar.monthString(PeriodCalendar.month(ofDay: today))
@@ -129,8 +146,23 @@ public enum BridgeServer {
             try? await store.close()
             throw StartupError("cannot read the usage database \(store.location): " + LedgerWriter.describe(error))
         }
-        let enforcer = QuotaEnforcer(policy: policy, directory: directory, registry: registry, clock: clock)
+        if let keys, let problem = PolicyReloader.missingTemplates(in: policy, usedBy: keys) {
+            try? await store.close()
+            throw ConfigurationError(source.variable, problem)
+        }
+        let enforcer = QuotaEnforcer(policy: policy, directory: directory, registry: registry ?? keys, clock: clock)
         enforcer.load(snapshot)
+        keys?.onImport { [store] aliases, contents in
+            enforcer.adopt(aliases: aliases)
+            do {
+                _ = try await store.foldImportedKeys(contents, now: clock.now())
+            } catch {
+                logger.error(
+                    "could not move imported keys' usage to their ids",
+                    metadata: ["error": "\(LedgerWriter.describe(error))"]
+                )
+            }
+        }
         let metrics = BridgeMetrics(models: configuration.models)
         var spool: SplunkSpool?
         var shipper: HECShipper?
@@ -171,6 +203,7 @@ public enum BridgeServer {
             stamp: stamp,
             enforcer: enforcer,
             store: store,
+            keys: keys,
             pollInterval: policyPollInterval,
             clock: clock,
             logger: logger
@@ -199,7 +232,8 @@ public enum BridgeServer {
             writer: writer,
             reloader: reloader,
             store: store,
-            shipper: shipper
+            shipper: shipper,
+            keys: keys
         )
     }
 
@@ -356,6 +390,9 @@ public enum BridgeServer {
             )
         } else {
             logger.notice("quota policy loaded", metadata: ["source": "\(policy.source)", "subkeys": "\(policy.subkeys)"])
+        }
+        if let keys = assembly.keys {
+            logger.notice("keys registry loaded", metadata: ["keys": "\(keys.count)"])
         }
         for warning in assembly.enforcer.policy.warnings {
             logger.warning("quota policy: \(warning)")
