@@ -214,6 +214,36 @@ sys.exit(rows.get("gpt-4o-mini") != 20)' "$work/report.json"; then
     pass "usage report: JSON by model"
 else fail "usage report: $(head -c 500 "$work/report.json")"; fi
 
+# Managed keys, through the binary and the running bridge: a key from `keys create` works at once with the
+# openai SDK, its events name it, and once revoked it is refused on its next request; its secret is nowhere on disk.
+key=$("${bridge_env[@]}" "$BRIDGE" keys create --name "SDK check" --email sdk@example.com --json 2>"$work/keys.err" \
+    | python3 -c 'import json, sys; print(json.load(sys.stdin)["key"])') || key=
+if [[ -n $key ]] && "$PY" - "$port" "$key" <<'PYEOF'; then pass "keys: a new key works at once with the SDK"
+import sys, openai
+client = openai.OpenAI(base_url=f"http://127.0.0.1:{sys.argv[1]}/v1", api_key=sys.argv[2])
+reply = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+assert reply.choices[0].message.content == "Hello from fake Circuit", reply
+PYEOF
+else fail "keys: a new key did not work: $(head -c 500 "$work/keys.err")"; fi
+key_id=$(cut -d_ -f2 <<<"$key")
+for _ in $(seq 100); do grep -q "\"key_id\":\"$key_id\"" "$work/hec-events.jsonl" 2>/dev/null && break; sleep 0.1; done
+if grep "\"key_id\":\"$key_id\"" "$work/hec-events.jsonl" 2>/dev/null | grep -q '"friendly_name":"SDK check","email":"sdk@example.com"'; then
+    pass "keys: Splunk events carry the key's id, name and e-mail"
+else fail "keys: no Splunk event names key $key_id"; fi
+if "${bridge_env[@]}" "$BRIDGE" keys revoke "SDK check" --reason "sdk check" >"$work/keys.out" 2>&1 \
+    && [[ $(chat "$key" gpt-4o | tee "$work/revoked.status") == 403 ]]; then pass "keys: a revoked key is refused on its next request"
+else fail "keys: revoke: $(cat "$work/revoked.status" 2>/dev/null) $(head -c 500 "$work/keys.out")"; fi
+if [[ -n $key ]] && ! grep -rqF -- "${key##*_}" "$work"; then pass "keys: the secret is in no file (database, WAL, logs, events)"
+else fail "keys: the secret was found on disk"; fi
+# The earlier bridge's plaintext subkeys become managed keys; clients keep them, the database forgets them.
+if "${bridge_env[@]}" "$BRIDGE" keys import --from-quotas "$work/quotas.json" >"$work/import.out" 2>&1 \
+    && grep -q '4 imported' "$work/import.out" && [[ $(chat new-member gpt-4o) == 200 ]] \
+    && [[ $(chat once-subkey gpt-4o) == 429 ]] \
+    && [[ $(python3 -c 'import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute(
+        "SELECT count(*) FROM usage WHERE subkey LIKE ? OR subkey LIKE ?", ("%member%", "%subkey%")).fetchone()[0])' "$work/quota.db") == 0 ]]
+then pass "keys: import keeps clients' subkeys and allowances, and no plaintext key stays in the ledger"
+else fail "keys: import: $(head -c 800 "$work/import.out")"; fi
+
 # Invalid configuration must exit 78 (EX_CONFIG) with a message naming the culprit.
 expect_config_error() {  # name, text stderr must contain, command (env assignments first)...
     local name=$1 want=$2 status=0

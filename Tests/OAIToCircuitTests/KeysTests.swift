@@ -461,7 +461,14 @@ import Testing
         await #expect(throws: ValidationError.self) { try await run(["rotate", "Gina", "--grace", "soon"]) }
         try await run(["rotate", "Gina", "--grace", "1h"])
         try await run(["update", "Gina", "--email", "", "--rules", #"{"gpt-4o": {"requests": 1}}"#])
+        // Every change rings the bell a running bridge reads; reading does not.
+        let bell = try #require(KeyChangeBell(databasePath: database, create: false))
+        let rung = bell.value
+        #expect(rung == 3)  // create, rotate, update
+        try await run(["list"])
+        #expect(bell.value == rung)
         try await run(["revoke", "Gina", "--reason", "test"])
+        #expect(bell.value == rung + 1)
         await #expect(throws: ExitCode.failure) { try await run(["revoke", "Gina", "--reason", "again"]) }
         await #expect(throws: ExitCode(78)) {
             try await run(["import", "--from-quotas", directory.appendingPathComponent("none.json").path])

@@ -26,8 +26,9 @@ struct KeysCommand: AsyncParsableCommand {
 
         func path(_ environment: [String: String]) -> String { db ?? environment["QUOTA_DB_PATH"] ?? "quota.db" }
 
-        /// The ledger and an administrator over it. `mustExist` refuses to make a new database (reads only).
-        func open(mustExist: Bool) throws -> (KeyAdministrator, SQLiteLedger, String, [String: String]) {
+        /// The ledger and an administrator over it. `mustExist` refuses to make a new database; `changes` maps the
+        /// key-change bell, to ring once a change is committed.
+        func open(mustExist: Bool, changes: Bool) throws -> (KeyAdministrator, SQLiteLedger, String, [String: String]) {
             let environment = try environment()
             let path = path(environment)
             let exists = FileManager.default.fileExists(atPath: path)
@@ -43,8 +44,8 @@ struct KeysCommand: AsyncParsableCommand {
                 printError("error: cannot open \(path): \(LedgerWriter.describe(error))")
                 throw ExitCode.failure
             }
-            let bell = mustExist ? nil : KeyChangeBell(databasePath: path, create: true)
-            if !mustExist, bell == nil {
+            let bell = changes ? KeyChangeBell(databasePath: path, create: true) : nil
+            if changes, bell == nil {
                 printError(
                     "note: cannot write \(KeyChangeBell.path(forDatabase: path)); a running bridge applies this change within seconds"
                 )
@@ -57,10 +58,11 @@ struct KeysCommand: AsyncParsableCommand {
     static func run<T>(
         _ options: DatabaseOptions,
         mustExist: Bool,
+        changes: Bool = true,
         _ body: (KeyAdministrator, [String: String]) async throws -> T
     ) async throws -> T {
-        let (administrator, ledger, path, environment) = try options.open(mustExist: mustExist)
-        defer { if !mustExist { FileOwnership.matchDirectory(of: path) } }
+        let (administrator, ledger, path, environment) = try options.open(mustExist: mustExist, changes: changes)
+        defer { FileOwnership.matchDirectory(of: path) }
         do {
             let result = try await body(administrator, environment)
             try? await ledger.close()
@@ -154,7 +156,9 @@ struct KeysCommand: AsyncParsableCommand {
         @OptionGroup var database: DatabaseOptions
 
         func run() async throws {
-            let keys = try await KeysCommand.run(database, mustExist: true) { administrator, _ in try await administrator.list() }
+            let keys = try await KeysCommand.run(database, mustExist: true, changes: false) { administrator, _ in
+                try await administrator.list()
+            }
             if json {
                 let objects = keys.map { key in
                     var writer = KeysCommand.json(key)
@@ -190,7 +194,9 @@ struct KeysCommand: AsyncParsableCommand {
         @OptionGroup var database: DatabaseOptions
 
         func run() async throws {
-            let (details, policy) = try await KeysCommand.run(database, mustExist: true) { administrator, environment in
+            let (details, policy) = try await KeysCommand.run(database, mustExist: true, changes: false) {
+                administrator,
+                environment in
                 (try await administrator.show(key), try? KeysCommand.policy(environment))
             }
             if json {

@@ -55,6 +55,7 @@ extension HealthReport {
         ledger: LedgerWriter.Health,
         location: String,
         policy: PolicyReloader.Status,
+        managedKeys: Int? = nil,
         splunk: (status: HECShipper.Status, spool: SplunkSpool.Counts)? = nil
     ) -> HealthReport {
         var database = JSONObjectWriter()
@@ -70,6 +71,7 @@ extension HealthReport {
         quotas.number("subkeys", exact: String(policy.subkeys))
         quotas.string("loaded_at", PeriodCalendar.timestamp(policy.loadedAt))
         quotas.string("reload_error", policy.error)
+        if let managedKeys { quotas.number("managed_keys", exact: String(managedKeys)) }
 
         // Splunk being down or refusing the token does not make the bridge unhealthy: events are kept.
         var hec = JSONObjectWriter()

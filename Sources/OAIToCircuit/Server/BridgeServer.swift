@@ -218,11 +218,12 @@ public enum BridgeServer {
         bridge.authorizer = enforcer
         bridge.policy = enforcer
         bridge.recorder = LedgerRecorder(enforcer: enforcer, writer: writer, logger: logger)
-        bridge.health = { [writer, reloader, shipper, spool] in
+        bridge.health = { [writer, reloader, shipper, spool, keys] in
             HealthReport.of(
                 ledger: writer.health,
                 location: store.location,
                 policy: reloader.status,
+                managedKeys: keys?.count,
                 splunk: shipper.flatMap { shipper in spool.map { (shipper.status, $0.counts) } }
             )
         }
