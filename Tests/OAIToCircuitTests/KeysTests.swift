@@ -156,7 +156,8 @@ import Testing
                 #expect(try TestDatabase.usage(harness.databasePath, subkey: id, model: "gpt-4o")?.requests == 2)
                 let log = try TestDatabase.rows(harness.databasePath, "SELECT * FROM request_log WHERE key_id = ?", [id])
                 #expect(log.count == 2 && log.allSatisfy { $0["friendly_name"] == "Dana" && $0["email"] == "dana@example.com" })
-                #expect(try await administrator.list().first?.usage.requests == 2)
+                let listed = try #require(try await administrator.list().first)
+                #expect(listed.usage.requests == 2 && listed.lastUsed == record.finishedAt)
 
                 _ = try await administrator.revoke("dana", reason: "left the team")
                 expectError(
@@ -453,6 +454,7 @@ import Testing
         await #expect(throws: ExitCode.validationFailure) { try await run(["create", "--name", "H", "--email", "nope"]) }
         await #expect(throws: ExitCode.validationFailure) { try await run(["create", "--name", "H", "--rules", "[]"]) }
         await #expect(throws: ExitCode.validationFailure) { try await run(["create", "--name", "H", "--prefix", "a b"]) }
+        await #expect(throws: ExitCode.validationFailure) { try await run(["create", "--name", "abcdefghijk2"]) }
         await #expect(throws: ExitCode(78)) { try await run(["create", "--name", "H", "--template", "gold"]) }
         await #expect(throws: ExitCode.failure) { try await run(["create", "--name", "gina"]) }
         try await run(["list", "--json"])

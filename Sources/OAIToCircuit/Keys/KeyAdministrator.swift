@@ -311,6 +311,10 @@ public struct KeyAdministrator: Sendable {
     static func validName(_ name: String) throws -> String {
         guard let trimmed = nonEmpty(name) else { throw KeyAdminError(.invalid, "--name must not be empty") }
         guard trimmed.count <= 100 else { throw KeyAdminError(.invalid, "--name must be at most 100 characters") }
+        // `keys show X` looks X up as an id first: a name shaped like one could hide another key.
+        guard !KeyFormat.looksLikeID(trimmed) else {
+            throw KeyAdminError(.invalid, "--name '\(trimmed)' looks like a key id; choose another")
+        }
         guard !trimmed.unicodeScalars.contains(where: { $0.properties.generalCategory == .control }) else {
             throw KeyAdminError(.invalid, "--name must not hold control characters")
         }

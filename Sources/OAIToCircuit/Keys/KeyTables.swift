@@ -145,24 +145,35 @@ enum KeyTables {
     }
 
     /// When each key was last used: the latest day with daily usage, then the latest request of that day in the
-    /// request log (kept `USAGE_LOG_RETENTION_DAYS`; older days give their start). Nothing is written per request
-    /// for this.
+    /// request log (kept `USAGE_LOG_RETENTION_DAYS`; older days give their start). Each such day's log rows are read
+    /// once, whatever the number of keys; nothing is written per request for this.
     static func lastUsed(_ db: Database) throws -> [String: Double] {
         guard try db.tableExists("usage_period") else { return [:] }
         var lastUsed: [String: Double] = [:]
-        let days = try Row.fetchAll(
+        var keysByDay: [Int: Set<String>] = [:]
+        for row in try Row.fetchAll(
             db,
             sql: "SELECT key_id, max(period_start) AS day FROM usage_period WHERE period = 'daily' GROUP BY key_id"
-        )
-        let latest = try db.cachedStatement(
-            sql: "SELECT max(finished_at) FROM request_log WHERE finished_at >= ? AND finished_at < ? AND key_id = ?"
-        )
-        for row in days {
-            let keyID: String = row["key_id"]
+        ) {
             guard let day = PeriodCalendar.day(parsing: row["day"]) else { continue }
+            let keyID: String = row["key_id"]
+            keysByDay[day, default: []].insert(keyID)
+            lastUsed[keyID] = Double(day) * 86_400
+        }
+        guard try db.tableExists("request_log") else { return lastUsed }
+        for (day, keys) in keysByDay {
             let start = Double(day) * 86_400
-            let last = try Double.fetchOne(latest, arguments: [start, start + 86_400, keyID])
-            lastUsed[keyID] = last ?? start
+            for row in try Row.fetchAll(
+                db,
+                sql: """
+                    SELECT key_id, max(finished_at) AS last FROM request_log
+                    WHERE finished_at >= ? AND finished_at < ? GROUP BY key_id
+                    """,
+                arguments: [start, start + 86_400]
+            ) {
+                let keyID: String = row["key_id"]
+                if keys.contains(keyID), let last: Double = row["last"] { lastUsed[keyID] = last }
+            }
         }
         return lastUsed
     }

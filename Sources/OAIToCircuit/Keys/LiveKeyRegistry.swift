@@ -64,14 +64,15 @@ public final class LiveKeyRegistry: KeyRegistry {
     // MARK: KeyRegistry
 
     public func key(for digest: SubkeyDigest) -> ManagedKey? {
-        let now = clock.now()
-        return state.withLock { state -> ManagedKey? in
-            guard let secret = state.snapshot.secrets[digest], var key = state.snapshot.keys[secret.keyID] else {
+        let found = state.withLock { state -> (ManagedKey, Double?)? in
+            guard let secret = state.snapshot.secrets[digest], let key = state.snapshot.keys[secret.keyID] else {
                 return nil
             }
-            if let expiresAt = secret.expiresAt, now >= expiresAt { key.isActive = false }
-            return key
+            return (key, secret.expiresAt)
         }
+        guard var (key, expiresAt) = found else { return nil }
+        if let expiresAt, clock.now() >= expiresAt { key.isActive = false }
+        return key
     }
 
     public func contains(keyID: String) -> Bool { state.withLock { $0.snapshot.keys[keyID] != nil } }
