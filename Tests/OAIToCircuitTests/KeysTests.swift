@@ -366,6 +366,12 @@ import Testing
         #expect(
             try await administrator.importKeys(from: policy, source: "quotas.json", includeDatabaseNames: true).imported.isEmpty
         )
+        // `quotas check --db` now marks the file's entries as managed.
+        var inspector = QuotaInspector(policy: policy, source: "quotas.json", now: 0)
+        inspector.registry = try await ledger.keyRegistry()
+        #expect(
+            inspector.check().contains("subkey entry #1 \(SubkeyDigest("team_member_alice").keyID)  MANAGED: key \(alice.id)")
+        )
         try await ledger.close()
         for plaintext in ["team_member_alice", "bob_old_key", "carol_key", "dave_db_only"] {
             #expect(try !Self.filesContain(plaintext, in: directory), "\(plaintext)")

@@ -463,7 +463,7 @@ struct KeysCommand: AsyncParsableCommand {
             out += "\nThe registry now wins for these keys: remove them from \(file) (it keeps them in plaintext):\n"
             if !inFile.isEmpty {
                 out += "  subkey entries " + inFile.map { "#\($0)" }.joined(separator: ", ")
-                out += " (by position among its subkeys; `oai-to-circuit quotas check \(file)` lists them)\n"
+                out += " (by position among its subkeys; `oai-to-circuit quotas check \(file) --db …` marks them MANAGED)\n"
             }
             if report.revokedMarkers > 0 {
                 out += "  \(report.revokedMarkers) _REVOKED_ \(report.revokedMarkers == 1 ? "entry" : "entries")\n"

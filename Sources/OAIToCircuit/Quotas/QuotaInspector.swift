@@ -44,13 +44,22 @@ public struct QuotaInspector: Sendable {
 
     public func check() -> String {
         var out = ""
+        var managed: [SubkeyDigest: KeyRecord] = [:]
+        let records = Dictionary(registry.keys.map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first })
+        for secret in registry.secrets {
+            if let digest = SubkeyDigest(hash: secret.hash), let record = records[secret.keyID] { managed[digest] = record }
+        }
         let subjects = policy.orderedSubjects
         out += "\(source): valid; \(count(subjects.count, "subkey")), \(count(policy.templates.count, "template"))\n"
         for warning in policy.warnings { out += "warning: \(warning)\n" }
         for subject in subjects {
             out += "\n\(name(subject))"
             if let template = subject.template { out += "  template: \(template)" }
-            if directory.entries[subject.digest]?.isRefused == true {
+            if let managed = managed[subject.digest] {
+                out +=
+                    "  MANAGED: key \(managed.id) (\(managed.name), \(managed.status.rawValue)) in the registry, whose rules apply; "
+                out += "remove this entry"
+            } else if directory.entries[subject.digest]?.isRefused == true {
                 out += "  REFUSED: key_lifecycle marks it \(directory.entries[subject.digest]?.status ?? "")"
             }
             out += "\n"
