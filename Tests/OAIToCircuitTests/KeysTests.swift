@@ -188,7 +188,12 @@ import Testing
                 let keys = try #require(harness.assembly.keys)
                 await keys.poll()
                 #expect(try await harness.chat(Harness.chatBody(), subkey: other.key).status == 200)
-                _ = try await KeyAdministrator(ledger: silentLedger, clock: harness.clock.bridgeClock).revoke("Olga", reason: "x")
+                // A leaked key can be revoked by itself; an unknown one is never repeated in the message.
+                _ = try await KeyAdministrator(ledger: silentLedger, clock: harness.clock.bridgeClock).revoke(
+                    other.key,
+                    reason: "x"
+                )
+                #expect(!KeyAdministrator.notFound(other.key).message.contains(other.key.split(separator: "_").last!))
                 await keys.poll()
                 expectError(
                     try await harness.chat(Harness.chatBody(), subkey: other.key),
@@ -272,21 +277,27 @@ import Testing
                     code: "quota_exceeded"
                 )
 
-                // A policy that drops the template the key uses is rejected; the one in force stays.
+                // A policy without the template the key uses loads (the other keys keep working); the key refuses
+                // every model, since its limits are unknown, and the log says why.
                 var outcomes = harness.assembly.reloader.outcomes.makeAsyncIterator()
-                try Data(#"{"_global": {"*": {"requests": 100}}}"#.utf8).write(to: policyPath)
+                try Data(#"{"_global": {"*": {"requests": 100}}, "_users": {"other": {}}}"#.utf8).write(to: policyPath)
                 await harness.assembly.reloader.reload(trigger: "test")
-                guard case .rejected(let message) = await outcomes.next() else {
-                    Issue.record("the policy was not rejected")
-                    return
-                }
+                #expect(await outcomes.next() == .loaded(subkeys: 1))
                 let id = try #require(try await administrator.list().first?.record.id)
-                #expect(message.contains("template 'trial'") && message.contains(id))
-                expectError(
-                    try await harness.chat(Harness.chatBody(model: "o3"), subkey: key),
-                    status: 403,
-                    code: "model_not_allowed"
-                )
+                #expect(harness.logs.all.contains { $0.contains("_templates lacks 'trial' (keys \(id))") })
+                for model in ["gpt-4.1", "gpt-4o-mini"] {
+                    expectError(
+                        try await harness.chat(Harness.chatBody(model: model), subkey: key),
+                        status: 403,
+                        code: "model_not_allowed"
+                    )
+                }
+                #expect(try await harness.chat(Harness.chatBody(model: "gpt-4o-mini"), subkey: "other").status == 200)
+                // Without the template, it works again from the next request.
+                var changes = KeyAdministrator.Changes()
+                changes.template = .some(nil)
+                _ = try await administrator.update(id, changes, policy: nil)
+                #expect(try await harness.chat(Harness.chatBody(model: "gpt-4o-mini"), subkey: key).status == 200)
             }
         }
     }
@@ -378,6 +389,55 @@ import Testing
         }
     }
 
+    @Test func importMovesPeriodsAndTheWholeRequestLogAndCopesWithOlderTables() async throws {
+        let directory = try Harness.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("quota.db").path
+        // An older subkey_names (no email, description or times), no key_lifecycle, and one friendly name twice.
+        try TestDatabase.execute(path, "CREATE TABLE subkey_names (subkey TEXT PRIMARY KEY, friendly_name TEXT)")
+        try TestDatabase.execute(path, "INSERT INTO subkey_names VALUES ('key-one', 'Sam'), ('key-two', 'Sam')")
+        try await SQLiteLedger.open(path: path).close()
+        let one = SubkeyDigest("key-one").keyID
+        try TestDatabase.execute(path, "INSERT INTO usage VALUES ('key-one', 'gpt-4o', 3, 3, 3, 6)")
+        try TestDatabase.execute(
+            path,
+            """
+            INSERT INTO usage_period VALUES (?1, 'gpt-4o', 'daily', '2026-11-30', 2, 2, 2, 4),
+              (?1, 'gpt-4o', 'monthly', '2026-11', 3, 3, 3, 6)
+            """,
+            [one]
+        )
+        // More rows than one batch of the request log's move.
+        try TestDatabase.execute(
+            path,
+            """
+            WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 25001)
+            INSERT INTO request_log (finished_at, request_id, key_id, subkey_hash, model, status_code, prompt_tokens,
+              completion_tokens, total_tokens, is_streaming, latency_ms, client_disconnected, client_ip, x_forwarded_for)
+            SELECT 1764460800 + i, 'r' || i, CASE WHEN i % 2 = 0 THEN ?1 ELSE 'anonymous' END, ?1, 'gpt-4o', 200,
+              1, 1, 2, 0, 1.0, 0, '127.0.0.1', '' FROM n
+            """,
+            [one]
+        )
+        let policy = try QuotaPolicy.parse(Array(#"{"key-one": {}, "key-two": {}}"#.utf8), source: "quotas.json")
+        let (administrator, ledger) = try Self.administrator(path)
+        let report = try await administrator.importKeys(from: policy, source: "quotas.json", includeDatabaseNames: false)
+        try await ledger.close()
+        #expect(report.imported.map(\.record.name) == ["Sam", "Sam (2)"])
+        #expect(report.imported.allSatisfy { $0.record.email == nil && $0.record.status == .active })
+        let id = try #require(report.imported.first?.record.id)
+        #expect(try TestDatabase.count(path, "SELECT count(*) FROM usage_period WHERE key_id = ?", [one]) == 0)
+        #expect(
+            try TestDatabase.count(path, "SELECT sum(requests) FROM usage_period WHERE key_id = ? AND period = 'monthly'", [id])
+                == 3
+        )
+        #expect(try TestDatabase.count(path, "SELECT count(*) FROM request_log WHERE key_id = ?", [id]) == 12_500)
+        #expect(try TestDatabase.count(path, "SELECT count(*) FROM request_log WHERE key_id = ?", [one]) == 0)
+        #expect(try TestDatabase.count(path, "SELECT count(*) FROM request_log WHERE key_id = 'anonymous'") == 12_501)
+        #expect(try TestDatabase.usage(path, subkey: id, model: "gpt-4o")?.requests == 3)
+        #expect(report.movedRows == 1 + 2 + 12_500)
+    }
+
     @Test func anImportWhileTheBridgeRunsKeepsTheAllowanceAndRefusesRetiredSecrets() async throws {
         let directory = try Harness.temporaryDirectory()
         defer { try? FileManager.default.removeItem(at: directory) }
@@ -456,11 +516,17 @@ import Testing
             try await command.run()
         }
         await #expect(throws: ExitCode.failure) { try await run(["list"]) }
-        try await run(["create", "--name", "Gina", "--email", "gina@example.com"])
+        // A database is made only when asked: a key in a database the bridge never reads would not work.
+        await #expect(throws: ExitCode.failure) { try await run(["create", "--name", "Gina"]) }
+        #expect(!FileManager.default.fileExists(atPath: database))
+        try await run(["create", "--name", "Gina", "--email", "gina@example.com", "--create-db"])
         await #expect(throws: ExitCode.validationFailure) { try await run(["create", "--name", "H", "--email", "nope"]) }
         await #expect(throws: ExitCode.validationFailure) { try await run(["create", "--name", "H", "--rules", "[]"]) }
         await #expect(throws: ExitCode.validationFailure) { try await run(["create", "--name", "H", "--prefix", "a b"]) }
-        await #expect(throws: ExitCode.validationFailure) { try await run(["create", "--name", "abcdefghijk2"]) }
+        let gina = try #require(try TestDatabase.rows(database, "SELECT id FROM managed_key").first?["id"] as String?)
+        await #expect(throws: ExitCode.failure) { try await run(["create", "--name", gina]) }
+        try await run(["create", "--name", "abcdefghijk2"])
+        await #expect(throws: ExitCode.validationFailure) { try await run(["rotate", "Gina", "--grace", "1e13"]) }
         await #expect(throws: ExitCode(78)) { try await run(["create", "--name", "H", "--template", "gold"]) }
         await #expect(throws: ExitCode.failure) { try await run(["create", "--name", "gina"]) }
         try await run(["list", "--json"])
@@ -472,7 +538,7 @@ import Testing
         // Every change rings the bell a running bridge reads; reading does not.
         let bell = try #require(KeyChangeBell(databasePath: database, create: false))
         let rung = bell.value
-        #expect(rung == 3)  // create, rotate, update
+        #expect(rung == 4)  // two creates, rotate, update
         try await run(["list"])
         #expect(bell.value == rung)
         try await run(["revoke", "Gina", "--reason", "test"])
@@ -481,12 +547,12 @@ import Testing
         await #expect(throws: ExitCode(78)) {
             try await run(["import", "--from-quotas", directory.appendingPathComponent("none.json").path])
         }
-        let key = try #require(try TestDatabase.rows(database, "SELECT * FROM managed_key").first)
+        let key = try #require(try TestDatabase.rows(database, "SELECT * FROM managed_key WHERE id = ?", [gina]).first)
         #expect(key["status"] == "revoked" && key["email"] as String? == nil)
         #expect(key["rules"] == #"{"gpt-4o": {"requests": 1}}"#)
         #expect(
-            try TestDatabase.rows(database, "SELECT action FROM managed_key_history ORDER BY id").map { $0["action"] as String }
-                == ["created", "rotated", "updated", "revoked"]
+            try TestDatabase.rows(database, "SELECT action FROM managed_key_history WHERE key_id = ? ORDER BY id", [gina])
+                .map { $0["action"] as String } == ["created", "rotated", "updated", "revoked"]
         )
     }
 }

@@ -33,13 +33,17 @@ struct KeysCommand: AsyncParsableCommand {
             let path = path(environment)
             let exists = FileManager.default.fileExists(atPath: path)
             if mustExist, !exists {
-                printError("error: no database at \(path)")
+                printError(
+                    "error: no database at \(path) (QUOTA_DB_PATH, or --db): start the bridge once"
+                        + (changes ? ", or pass --create-db if the bridge will use this path" : "")
+                )
                 throw ExitCode.failure
             }
             if !exists { printError("note: creating a new usage database at \(path)") }
             let ledger: SQLiteLedger
             do {
-                ledger = try SQLiteLedger.open(path: path)
+                // Reading commands change nothing, not even an earlier bridge's file that was never migrated.
+                ledger = try SQLiteLedger.open(path: path, readOnly: !changes)
             } catch {
                 printError("error: cannot open \(path): \(LedgerWriter.describe(error))")
                 throw ExitCode.failure
@@ -62,7 +66,7 @@ struct KeysCommand: AsyncParsableCommand {
         _ body: (KeyAdministrator, [String: String]) async throws -> T
     ) async throws -> T {
         let (administrator, ledger, path, environment) = try options.open(mustExist: mustExist, changes: changes)
-        defer { FileOwnership.matchDirectory(of: path) }
+        defer { if changes { FileOwnership.matchDirectory(of: path) } }
         do {
             let result = try await body(administrator, environment)
             try? await ledger.close()
@@ -124,10 +128,11 @@ struct KeysCommand: AsyncParsableCommand {
         @Option(help: "A template of the policy's _templates.") var template: String?
         @Option(help: "The key's own rules, as JSON.") var rules: String?
         @Flag(help: "Print JSON.") var json = false
+        @Flag(name: .customLong("create-db"), help: "Make the database if it does not exist yet.") var createDatabase = false
         @OptionGroup var database: DatabaseOptions
 
         func run() async throws {
-            let issued = try await KeysCommand.run(database, mustExist: false) { administrator, environment in
+            let issued = try await KeysCommand.run(database, mustExist: !createDatabase) { administrator, environment in
                 var new = KeyAdministrator.NewKey(name: name, email: email, description: description)
                 new.prefix = prefix
                 new.template = template
@@ -324,6 +329,7 @@ struct KeysCommand: AsyncParsableCommand {
         @Option(name: .customLong("from-quotas"), help: "The policy file holding the subkeys.") var file: String
         @Flag(name: .customLong("db-names"), help: "Also import keys only subkey_names or key_lifecycle name.")
         var databaseNames = false
+        @Flag(name: .customLong("create-db"), help: "Make the database if it does not exist yet.") var createDatabase = false
         @OptionGroup var database: DatabaseOptions
 
         func run() async throws {
@@ -335,7 +341,7 @@ struct KeysCommand: AsyncParsableCommand {
             } catch {
                 throw configurationFailure(error.message)
             }
-            let report = try await KeysCommand.run(database, mustExist: false) { administrator, _ in
+            let report = try await KeysCommand.run(database, mustExist: !createDatabase) { administrator, _ in
                 try await administrator.importKeys(from: policy, source: file, includeDatabaseNames: databaseNames)
             }
             print(KeysCommand.describe(report, file: file), terminator: "")
@@ -470,6 +476,9 @@ struct KeysCommand: AsyncParsableCommand {
             }
             out += "Clients keep their subkeys; a running bridge uses the registry from its next request.\n"
         }
+        if report.walKept {
+            out += "\nNote: the bridge was reading, so older pages stay in the database's WAL until its next checkpoint.\n"
+        }
         return out
     }
 }
@@ -504,19 +513,23 @@ enum DurationText {
     }
 }
 
-/// When a command runs as root on a database that belongs to the service's user, files it created (the key-change
-/// bell, a WAL left behind) are given to that user, so the service can still open them.
+/// When a command runs as root on a database that belongs to the service's user, files it created (a new database,
+/// the key-change bell, a WAL left behind) are given to that user, so the service can still open them. Only regular
+/// files owned by root are touched, and symbolic links are never followed.
 enum FileOwnership {
     static func matchDirectory(of databasePath: String) {
         guard geteuid() == 0 else { return }
-        let directory = URL(fileURLWithPath: databasePath).deletingLastPathComponent().path
         var owner = stat()
-        guard stat(directory, &owner) == 0, owner.st_uid != 0 else { return }
+        let directory = URL(fileURLWithPath: databasePath).deletingLastPathComponent().path
+        // The database's owner when it has one other than root, else its directory's.
+        if lstat(databasePath, &owner) != 0 || (owner.st_mode & S_IFMT) != S_IFREG || owner.st_uid == 0 {
+            guard stat(directory, &owner) == 0, owner.st_uid != 0 else { return }
+        }
         for suffix in ["", "-wal", "-shm", "-keys"] {
             var file = stat()
             let path = databasePath + suffix
-            guard stat(path, &file) == 0, file.st_uid == 0 else { continue }
-            _ = chown(path, owner.st_uid, owner.st_gid)
+            guard lstat(path, &file) == 0, (file.st_mode & S_IFMT) == S_IFREG, file.st_uid == 0 else { continue }
+            _ = fchownat(AT_FDCWD, path, owner.st_uid, owner.st_gid, AT_SYMLINK_NOFOLLOW)
         }
     }
 }

@@ -79,13 +79,11 @@ public struct KeyAdministrator: Sendable {
         let rules = new.rules.isEmpty ? nil : QuotaPolicy.rulesJSON(new.rules)
         let description = new.description.flatMap(Self.nonEmpty)
         let record = try await change { db -> KeyRecord in
-            if try Row.fetchOne(db, sql: "SELECT 1 FROM managed_key WHERE name = ?", arguments: [name]) != nil {
-                throw KeyAdminError(.conflict, "a key named '\(name)' exists already")
+            if try KeyTables.isTaken(name, db) {
+                throw KeyAdminError(.conflict, "a key named '\(name)' exists already (or a key has that id)")
             }
             var id = KeyFormat.newID()
-            while try Row.fetchOne(db, sql: "SELECT 1 FROM managed_key WHERE id = ?", arguments: [id]) != nil {
-                id = KeyFormat.newID()
-            }
+            while try KeyTables.isTaken(id, db) { id = KeyFormat.newID() }
             let record = KeyRecord(
                 id: id,
                 name: name,
@@ -192,10 +190,10 @@ public struct KeyAdministrator: Sendable {
             if let name, name != record.name {
                 if try Row.fetchOne(
                     db,
-                    sql: "SELECT 1 FROM managed_key WHERE name = ? AND id != ?",
-                    arguments: [name, record.id]
+                    sql: "SELECT 1 FROM managed_key WHERE (name = ? OR id = ?) AND id != ?",
+                    arguments: [name, name, record.id]
                 ) != nil {
-                    throw KeyAdminError(.conflict, "a key named '\(name)' exists already")
+                    throw KeyAdminError(.conflict, "a key named '\(name)' exists already (or a key has that id)")
                 }
                 record.name = name
                 changed.append("name")
@@ -252,7 +250,9 @@ public struct KeyAdministrator: Sendable {
     /// A new secret for the same key (id, name, rules, counters and history stay). The secrets it replaces work for
     /// `grace` seconds more (0: they stop at once); a shorter grace also cuts one a previous rotation left running.
     public func rotate(_ idOrName: String, grace: Double, prefix: String? = nil) async throws -> Issued {
-        guard grace >= 0, grace.isFinite else { throw KeyAdminError(.invalid, "--grace must not be negative") }
+        guard grace >= 0, grace <= Self.longestGrace else {
+            throw KeyAdminError(.invalid, "--grace must be between 0 and 10 years")
+        }
         if let prefix, let problem = KeyFormat.validatePrefix(prefix) {
             throw KeyAdminError(.invalid, "--prefix \(problem)")
         }
@@ -292,6 +292,9 @@ public struct KeyAdministrator: Sendable {
 
     // MARK: Helpers
 
+    /// Ten years: longer is a mistake (and past what dates print as).
+    static let longestGrace: Double = 10 * 366 * 86_400
+
     /// One immediate transaction (so concurrent commands queue instead of failing), then the bell.
     private func change<T: Sendable>(_ body: @escaping @Sendable (Database) throws -> T) async throws -> T {
         let result = try await ledger.administer(body)
@@ -299,8 +302,11 @@ public struct KeyAdministrator: Sendable {
         return result
     }
 
+    /// Never repeats an argument that may be a secret (one shaped like a key, or long): it would land in logs.
     static func notFound(_ idOrName: String) -> KeyAdminError {
-        KeyAdminError(.notFound, "no key has the id or name '\(idOrName)' (see `oai-to-circuit keys list`)")
+        let mayBeSecret = KeyFormat.embeddedID(in: idOrName) != nil || idOrName.count > 40
+        let named = mayBeSecret ? "that argument" : "the id or name '\(idOrName)'"
+        return KeyAdminError(.notFound, "no key matches \(named) (see `oai-to-circuit keys list`)")
     }
 
     static func nonEmpty(_ text: String) -> String? {
@@ -311,10 +317,6 @@ public struct KeyAdministrator: Sendable {
     static func validName(_ name: String) throws -> String {
         guard let trimmed = nonEmpty(name) else { throw KeyAdminError(.invalid, "--name must not be empty") }
         guard trimmed.count <= 100 else { throw KeyAdminError(.invalid, "--name must be at most 100 characters") }
-        // `keys show X` looks X up as an id first: a name shaped like one could hide another key.
-        guard !KeyFormat.looksLikeID(trimmed) else {
-            throw KeyAdminError(.invalid, "--name '\(trimmed)' looks like a key id; choose another")
-        }
         guard !trimmed.unicodeScalars.contains(where: { $0.properties.generalCategory == .control }) else {
             throw KeyAdminError(.invalid, "--name must not hold control characters")
         }

@@ -19,6 +19,9 @@ extension KeyAdministrator {
         public var revokedMarkers = 0
         /// Ledger rows moved from the keys' plaintext or hashed names to their ids.
         public var movedRows = 0
+        /// The WAL could not be emptied at once (the bridge was reading): older page images stay there until the
+        /// next checkpoint.
+        public var walKept = false
 
         public var imported: [Entry] { entries.filter(\.isNew) }
     }
@@ -70,7 +73,7 @@ extension KeyAdministrator {
                     continue
                 }
                 var id = KeyFormat.newID()
-                while try KeyTables.find(id, db) != nil { id = KeyFormat.newID() }
+                while try KeyTables.isTaken(id, db) { id = KeyFormat.newID() }
                 let names = earlier.names[candidate.subkey]
                 let lifecycle = earlier.lifecycle[candidate.subkey]
                 var record = KeyRecord(
@@ -89,15 +92,15 @@ extension KeyAdministrator {
                 case "active"?, nil: record.status = .active
                 default: record.status = .revoked
                 }
-                if record.status == .active, policy.revokedMarkers.contains(SubkeyDigest(candidate.subkey)) {
-                    record.status = .revoked
-                }
+                let marker = policy.revokedMarkers[SubkeyDigest(candidate.subkey)]
+                if record.status == .active, marker != nil { record.status = .revoked }
                 if record.status != .active {
-                    record.revokedAt = lifecycle?.revokedAt ?? now
-                    record.revokeReason = lifecycle?.reason ?? "revoked in the earlier bridge"
+                    record.revokedAt =
+                        lifecycle?.revokedAt ?? marker?.revokedAt.flatMap { EarlierTables.time($0.databaseValue) } ?? now
+                    record.revokeReason = lifecycle?.reason ?? marker?.reason ?? "revoked in the earlier bridge"
                 }
                 try KeyTables.insert(record, db)
-                let secret = KeySecret(hash: hash, keyID: id, createdAt: record.createdAt)
+                let secret = KeySecret(hash: hash, keyID: id, createdAt: record.createdAt, imported: true)
                 try KeyTables.insert(secret, db)
                 let origin = candidate.ordinal.map { "from \(fileName) entry #\($0)" } ?? "from subkey_names"
                 try KeyTables.note(id, "imported", "\(origin) (\(hashedID)), \(record.status.rawValue)", at: now, db)
@@ -113,13 +116,27 @@ extension KeyAdministrator {
             report.revokedMarkers = policy.revokedMarkers.count
             return report
         }
-        if !report.imported.isEmpty {
-            // Copies the pages back into the database file and empties the WAL, which may hold older page images
-            // with the plaintext keys (it cannot while another connection reads; the next checkpoint will).
-            try? await ledger.truncateWAL()
-            bell?.ring()
+        guard !report.imported.isEmpty else { return report }
+        bell?.ring()
+        // The request log's history, in small transactions beside the bridge's commits.
+        var aliases: [String: String] = [:]
+        for entry in report.imported { aliases[entry.hashedID] = entry.record.id }
+        var position: Int64 = 0
+        var result = report
+        while let batch = try await ledger.administer({ [position, aliases] db in
+            try KeyTables.foldRequestLog(aliases, after: position, limit: 20_000, db)
+        }) {
+            position = batch.last
+            result.movedRows += batch.moved
         }
-        return report
+        // Copies the pages back into the database file and empties the WAL, which may hold older page images with the
+        // plaintext keys. It cannot while another connection reads; the next checkpoint then overwrites them.
+        do {
+            try await ledger.truncateWAL()
+        } catch {
+            result.walKept = true
+        }
+        return result
     }
 
     /// `name`, or `name (2)`, `name (3)`… when another key has it.
@@ -127,7 +144,7 @@ extension KeyAdministrator {
         let base = (try? validName(name)) ?? "imported"
         var candidate = base
         var number = 2
-        while try Row.fetchOne(db, sql: "SELECT 1 FROM managed_key WHERE name = ?", arguments: [candidate]) != nil {
+        while try KeyTables.isTaken(candidate, db) {
             candidate = "\(base) (\(number))"
             number += 1
         }

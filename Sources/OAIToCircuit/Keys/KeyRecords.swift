@@ -74,12 +74,15 @@ public struct KeySecret: Sendable, Equatable {
     public var createdAt: Double
     /// When it stops working; `nil` while it is the current secret.
     public var expiresAt: Double?
+    /// Taken over from a policy file by `keys import`: ledger rows may still name it by its hashed id.
+    public var imported: Bool
 
-    public init(hash: [UInt8], keyID: String, createdAt: Double, expiresAt: Double? = nil) {
+    public init(hash: [UInt8], keyID: String, createdAt: Double, expiresAt: Double? = nil, imported: Bool = false) {
         self.hash = hash
         self.keyID = keyID
         self.createdAt = createdAt
         self.expiresAt = expiresAt
+        self.imported = imported
     }
 
     public func isValid(at time: Double) -> Bool { expiresAt.map { time < $0 } ?? true }
@@ -99,11 +102,8 @@ public struct KeyRegistryContents: Sendable {
 
     /// The hashed ids (`sha256:<16 hex>`) imported keys had as policy-file keys, and the ids they have now.
     public var importedAliases: [String: String] {
-        let imported = Set(keys.filter { $0.origin == .imported }.map(\.id))
         var aliases: [String: String] = [:]
-        for secret in secrets where imported.contains(secret.keyID) {
-            aliases[SubkeyDigest.keyID(ofHash: secret.hash)] = secret.keyID
-        }
+        for secret in secrets where secret.imported { aliases[SubkeyDigest.keyID(ofHash: secret.hash)] = secret.keyID }
         return aliases
     }
 }

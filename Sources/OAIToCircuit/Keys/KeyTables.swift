@@ -19,7 +19,8 @@ enum KeyTables {
                   hash BLOB PRIMARY KEY NOT NULL CHECK (length(hash) = 32),
                   key_id TEXT NOT NULL,
                   created_at REAL NOT NULL,
-                  expires_at REAL);
+                  expires_at REAL,
+                  imported INTEGER NOT NULL DEFAULT 0);
                 CREATE INDEX managed_key_secret_key ON managed_key_secret (key_id);
                 CREATE TABLE managed_key_history (
                   id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -41,7 +42,13 @@ enum KeyTables {
         contents.keys = try Row.fetchAll(db, sql: "SELECT * FROM managed_key ORDER BY created_at, id").map(record)
         contents.secrets = try Row.fetchAll(db, sql: "SELECT * FROM managed_key_secret ORDER BY created_at").map { row in
             let hash: Data = row["hash"]
-            return KeySecret(hash: Array(hash), keyID: row["key_id"], createdAt: row["created_at"], expiresAt: row["expires_at"])
+            return KeySecret(
+                hash: Array(hash),
+                keyID: row["key_id"],
+                createdAt: row["created_at"],
+                expiresAt: row["expires_at"],
+                imported: row["imported"]
+            )
         }
         return contents
     }
@@ -79,8 +86,8 @@ enum KeyTables {
 
     static func insert(_ secret: KeySecret, _ db: Database) throws {
         try db.execute(
-            sql: "INSERT INTO managed_key_secret (hash, key_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
-            arguments: [Data(secret.hash), secret.keyID, secret.createdAt, secret.expiresAt]
+            sql: "INSERT INTO managed_key_secret (hash, key_id, created_at, expires_at, imported) VALUES (?, ?, ?, ?, ?)",
+            arguments: [Data(secret.hash), secret.keyID, secret.createdAt, secret.expiresAt, secret.imported]
         )
     }
 
@@ -91,12 +98,23 @@ enum KeyTables {
         )
     }
 
-    /// The key with this id, else the one with this name (case-insensitively).
+    /// The key with this id, else the one with this name (case-insensitively), else the one this is a secret of (so
+    /// a leaked key can be revoked by itself).
     static func find(_ idOrName: String, _ db: Database) throws -> KeyRecord? {
+        guard try db.tableExists("managed_key") else { return nil }
         if let row = try Row.fetchOne(db, sql: "SELECT * FROM managed_key WHERE id = ?", arguments: [idOrName]) {
             return record(row)
         }
-        return try Row.fetchOne(db, sql: "SELECT * FROM managed_key WHERE name = ?", arguments: [idOrName]).map(record)
+        if let row = try Row.fetchOne(db, sql: "SELECT * FROM managed_key WHERE name = ?", arguments: [idOrName]) {
+            return record(row)
+        }
+        guard let owner = try owner(ofHash: KeyFormat.hash(idOrName), db) else { return nil }
+        return try Row.fetchOne(db, sql: "SELECT * FROM managed_key WHERE id = ?", arguments: [owner]).map(record)
+    }
+
+    /// Whether `text` is a key's id or name (what a new name or id must not be).
+    static func isTaken(_ text: String, _ db: Database) throws -> Bool {
+        try Row.fetchOne(db, sql: "SELECT 1 FROM managed_key WHERE id = ? OR name = ?", arguments: [text, text]) != nil
     }
 
     /// Which key, if any, a secret with this hash belongs to.
@@ -111,7 +129,13 @@ enum KeyTables {
             arguments: [keyID]
         ).map { row in
             let hash: Data = row["hash"]
-            return KeySecret(hash: Array(hash), keyID: keyID, createdAt: row["created_at"], expiresAt: row["expires_at"])
+            return KeySecret(
+                hash: Array(hash),
+                keyID: keyID,
+                createdAt: row["created_at"],
+                expiresAt: row["expires_at"],
+                imported: row["imported"]
+            )
         }
     }
 
@@ -178,18 +202,23 @@ enum KeyTables {
         return lastUsed
     }
 
-    /// Moves ledger rows of imported keys from their old names to their ids. `full` also rewrites every period and
-    /// the request log (`keys import`); otherwise only the current day and month are looked at, which is all a
-    /// request in flight during an import can have written (the bridge, at start and after a reload).
+    /// Moves ledger rows of imported keys from their old names to their ids: `usage` rows under the plaintext subkey
+    /// (deleted with SQLite's secure delete, as they hold it), and `usage_period` rows under the hashed id. `full`
+    /// moves every period (`keys import`); otherwise only the current day and month, which is all a request in flight
+    /// during an import can have written (the bridge, at start and after a reload). Each table is read once,
+    /// whatever the number of keys. The request log is `foldRequestLog`'s, in batches.
     static func fold(_ contents: KeyRegistryContents, full: Bool, now: Double, _ db: Database) throws -> Int {
         let aliases = contents.importedAliases
         guard !aliases.isEmpty, try db.tableExists("usage") else { return 0 }
         var owners: [SubkeyDigest: String] = [:]
-        for secret in contents.secrets {
+        for secret in contents.secrets where secret.imported {
             if let digest = SubkeyDigest(hash: secret.hash) { owners[digest] = secret.keyID }
         }
         let managed = Set(contents.keys.map(\.id))
         var moved = 0
+        let wasSecure = try Bool.fetchOne(db, sql: "PRAGMA secure_delete") ?? false
+        try db.execute(sql: "PRAGMA secure_delete = ON")
+        defer { if !wasSecure { try? db.execute(sql: "PRAGMA secure_delete = OFF") } }
         for subkey in try String.fetchAll(db, sql: "SELECT DISTINCT subkey FROM usage") {
             guard !managed.contains(subkey), subkey != Caller.anonymousKey,
                 let keyID = owners[SubkeyDigest(subkey)]
@@ -206,36 +235,65 @@ enum KeyTables {
             moved += db.changesCount
         }
         guard try db.tableExists("usage_period") else { return moved }
-        let today = PeriodCalendar.day(now)
-        let periods: [(String, String)] = [
-            ("daily", PeriodCalendar.dayString(today)),
-            ("monthly", PeriodCalendar.monthString(PeriodCalendar.month(ofDay: today))),
-        ]
-        for (alias, keyID) in aliases {
-            let scope = full ? "key_id = ?" : "period = ? AND period_start = ? AND key_id = ?"
-            for (period, start) in full ? [("", "")] : periods {
-                let selection: StatementArguments = full ? [alias] : [period, start, alias]
-                try db.execute(
-                    sql: """
-                        INSERT INTO usage_period (key_id, model, period, period_start, requests, prompt_tokens,
-                          completion_tokens, total_tokens)
-                        SELECT ?, model, period, period_start, requests, prompt_tokens, completion_tokens, total_tokens
-                        FROM usage_period WHERE \(scope)
-                        ON CONFLICT (period, period_start, key_id, model) DO UPDATE SET \(SQLiteLedger.addition)
-                        """,
-                    arguments: [keyID] + selection
-                )
-                try db.execute(sql: "DELETE FROM usage_period WHERE \(scope)", arguments: selection)
-                moved += db.changesCount
-            }
+        try fillAliases(aliases, db)
+        var scope = ""
+        var arguments: StatementArguments = []
+        if !full {
+            let today = PeriodCalendar.day(now)
+            scope = "AND ((period = 'daily' AND period_start = ?) OR (period = 'monthly' AND period_start = ?))"
+            arguments = [PeriodCalendar.dayString(today), PeriodCalendar.monthString(PeriodCalendar.month(ofDay: today))]
         }
-        if full, try db.tableExists("request_log") {
-            for (alias, keyID) in aliases {
-                try db.execute(sql: "UPDATE request_log SET key_id = ? WHERE key_id = ?", arguments: [keyID, alias])
-                moved += db.changesCount
-            }
-        }
+        try db.execute(
+            sql: """
+                INSERT INTO usage_period (key_id, model, period, period_start, requests, prompt_tokens,
+                  completion_tokens, total_tokens)
+                SELECT alias.key_id, model, period, period_start, requests, prompt_tokens, completion_tokens, total_tokens
+                FROM usage_period JOIN temp.key_alias AS alias ON alias.alias = usage_period.key_id WHERE 1 \(scope)
+                ON CONFLICT (period, period_start, key_id, model) DO UPDATE SET \(SQLiteLedger.addition)
+                """,
+            arguments: arguments
+        )
+        try db.execute(
+            sql: "DELETE FROM usage_period WHERE key_id IN (SELECT alias FROM temp.key_alias) \(scope)",
+            arguments: arguments
+        )
+        moved += db.changesCount
         return moved
+    }
+
+    /// Request-log rows with ids in `(after, after + limit]`... moved from the imported keys' hashed ids to their ids.
+    /// Returns the last id looked at, or `nil` past the end. Small batches, so the bridge's writer never waits long.
+    static func foldRequestLog(
+        _ aliases: [String: String],
+        after id: Int64,
+        limit: Int,
+        _ db: Database
+    ) throws -> (
+        last: Int64, moved: Int
+    )? {
+        guard !aliases.isEmpty, try db.tableExists("request_log"),
+            let last = try Int64.fetchOne(
+                db,
+                sql: "SELECT max(id) FROM (SELECT id FROM request_log WHERE id > ? ORDER BY id LIMIT ?)",
+                arguments: [id, limit]
+            )
+        else { return nil }
+        try fillAliases(aliases, db)
+        try db.execute(
+            sql: """
+                UPDATE request_log SET key_id = (SELECT key_id FROM temp.key_alias WHERE alias = request_log.key_id)
+                WHERE id > ? AND id <= ? AND key_id IN (SELECT alias FROM temp.key_alias)
+                """,
+            arguments: [id, last]
+        )
+        return (last, db.changesCount)
+    }
+
+    private static func fillAliases(_ aliases: [String: String], _ db: Database) throws {
+        try db.execute(sql: "CREATE TEMP TABLE IF NOT EXISTS key_alias (alias TEXT PRIMARY KEY, key_id TEXT NOT NULL)")
+        try db.execute(sql: "DELETE FROM temp.key_alias")
+        let insert = try db.cachedStatement(sql: "INSERT INTO temp.key_alias (alias, key_id) VALUES (?, ?)")
+        for (alias, keyID) in aliases { try insert.execute(arguments: [alias, keyID]) }
     }
 }
 

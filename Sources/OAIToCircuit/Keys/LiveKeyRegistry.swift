@@ -38,8 +38,11 @@ public final class LiveKeyRegistry: KeyRegistry {
     let source: any KeyRegistrySource
     private let clock: BridgeClock
     private let logger: Logger
-    /// Told about keys newly imported from a policy file: their old hashed ids and their ids now.
-    private let importObserver = Mutex<(@Sendable ([String: String], KeyRegistryContents) async -> Void)?>(nil)
+    /// Told about keys newly imported from a policy file: `adopt` (their old hashed ids and their ids now) before and
+    /// after the registry that knows them is swapped in, `fold` once it is.
+    private let importObserver = Mutex<
+        (adopt: @Sendable ([String: String]) -> Void, fold: @Sendable (KeyRegistryContents) async -> Void)?
+    >(nil)
 
     /// Reads the registry once; throws when the database cannot be read.
     public init(
@@ -56,9 +59,13 @@ public final class LiveKeyRegistry: KeyRegistry {
         install(try await source.keyRegistry(), bellSeen: seen)
     }
 
-    /// Sets what hears about newly imported keys (the enforcer moves their counters; the ledger folds their rows).
-    public func onImport(_ observer: @escaping @Sendable ([String: String], KeyRegistryContents) async -> Void) {
-        importObserver.withLock { $0 = observer }
+    /// Sets what hears about newly imported keys: the enforcer moves their counters (`adopt`), the ledger moves
+    /// rows requests in flight wrote under their old names (`fold`).
+    public func onImport(
+        adopt: @escaping @Sendable ([String: String]) -> Void,
+        fold: @escaping @Sendable (KeyRegistryContents) async -> Void
+    ) {
+        importObserver.withLock { $0 = (adopt, fold) }
     }
 
     // MARK: KeyRegistry
@@ -95,7 +102,8 @@ public final class LiveKeyRegistry: KeyRegistry {
 
     public var contents: KeyRegistryContents { state.withLock { $0.snapshot.contents } }
 
-    public var count: Int { state.withLock { $0.snapshot.keys.count } }
+    /// Keys that may be used (not revoked or replaced).
+    public var activeCount: Int { state.withLock { $0.snapshot.keys.values.filter(\.isActive).count } }
 
     /// Templates managed keys name (the policy must keep defining them).
     public var templatesInUse: [String: [String]] {
@@ -149,13 +157,20 @@ public final class LiveKeyRegistry: KeyRegistry {
         let seen = bell.withLock { $0 }?.value ?? 0
         do {
             let contents = try await source.keyRegistry()
-            let (added, changed) = install(contents, bellSeen: seen)
+            let snapshot = build(contents)
+            let observer = importObserver.withLock { $0 }
+            let added = state.withLock { state in snapshot.aliases.filter { state.snapshot.aliases[$0.key] == nil } }
+            // Counters move before the keys are known by their new ids, so no request sees an imported key start from
+            // zero; and again after, for requests admitted under the old ids meanwhile.
+            if !added.isEmpty { observer?.adopt(added) }
+            let changed = publish(snapshot, bellSeen: seen)
             state.withLock { $0.reloading = nil }
             if changed {
                 logger.notice("keys registry reloaded", metadata: ["keys": "\(contents.keys.count)"])
             }
-            if !added.isEmpty, let observer = importObserver.withLock({ $0 }) {
-                await observer(added, contents)
+            if !added.isEmpty, let observer {
+                observer.adopt(added)
+                await observer.fold(contents)
             }
         } catch {
             let now = clock.now()
@@ -170,9 +185,24 @@ public final class LiveKeyRegistry: KeyRegistry {
         }
     }
 
-    /// Swaps `contents` in. Returns the aliases it adds and whether the registry changed.
+    private func install(_ contents: KeyRegistryContents, bellSeen: UInt64) {
+        publish(build(contents), bellSeen: bellSeen)
+    }
+
+    /// Swaps `snapshot` in; returns whether the registry changed.
     @discardableResult
-    private func install(_ contents: KeyRegistryContents, bellSeen: UInt64) -> (added: [String: String], changed: Bool) {
+    private func publish(_ snapshot: Snapshot, bellSeen: UInt64) -> Bool {
+        state.withLock { state in
+            let changed = state.snapshot.version != snapshot.version
+            if changed { state.generation += 1 }
+            state.snapshot = snapshot
+            state.bellSeen = bellSeen
+            state.retryAfter = 0
+            return changed
+        }
+    }
+
+    private func build(_ contents: KeyRegistryContents) -> Snapshot {
         var snapshot = Snapshot(version: contents.version, contents: contents)
         for record in contents.keys {
             var rules: [(pattern: ModelPattern, rule: QuotaRule)] = []
@@ -202,14 +232,6 @@ public final class LiveKeyRegistry: KeyRegistry {
             snapshot.secrets[digest] = Secret(keyID: secret.keyID, expiresAt: secret.expiresAt)
         }
         snapshot.aliases = contents.importedAliases
-        return state.withLock { state in
-            let added = snapshot.aliases.filter { state.snapshot.aliases[$0.key] == nil }
-            let changed = state.snapshot.version != snapshot.version
-            if changed { state.generation += 1 }
-            state.snapshot = snapshot
-            state.bellSeen = bellSeen
-            state.retryAfter = 0
-            return (added, changed)
-        }
+        return snapshot
     }
 }

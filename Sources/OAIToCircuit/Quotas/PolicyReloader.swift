@@ -109,9 +109,6 @@ public final class PolicyReloader: Service, Sendable {
             // refuse everyone: the policy in force stays. (At start, a missing file is an empty policy.)
             guard source.exists else { throw PolicyError("\(source): no such file") }
             let policy = try source.load()
-            if let keys, let problem = Self.missingTemplates(in: policy, usedBy: keys) {
-                throw PolicyError("\(source): \(problem)")
-            }
             enforcer.replace(policy: policy)
             state.withLock { state in
                 state.stamp = stamp
@@ -126,6 +123,9 @@ public final class PolicyReloader: Service, Sendable {
             )
             for warning in policy.warnings {
                 logger.warning("quota policy: \(warning)")
+            }
+            if let keys, let problem = Self.missingTemplates(in: policy, usedBy: keys) {
+                logger.warning("quota policy: \(problem)")
             }
             outcome = .loaded(subkeys: policy.subjects.count)
         } catch {
@@ -150,12 +150,13 @@ public final class PolicyReloader: Service, Sendable {
         outcomeSink.yield(outcome)
     }
 
-    /// Why `policy` cannot serve the registry's keys: a template active managed keys name that it does not define.
+    /// Templates active managed keys name that `policy` does not define: those keys refuse every model until it
+    /// does (or they get another template with `keys update`).
     static func missingTemplates(in policy: QuotaPolicy, usedBy keys: LiveKeyRegistry) -> String? {
         let missing = keys.templatesInUse.filter { policy.templates[$0.key] == nil }.sorted { $0.key < $1.key }
-        guard let (template, users) = missing.first else { return nil }
-        return "template '\(template)' is used by managed \(users.count == 1 ? "key" : "keys") "
-            + users.sorted().joined(separator: ", ")
-            + " but not defined in _templates; keep it, or give those keys another (keys update)"
+        guard !missing.isEmpty else { return nil }
+        let uses = missing.map { "'\($0.key)' (keys \($0.value.sorted().joined(separator: ", ")))" }
+        return "_templates lacks \(uses.joined(separator: "; ")), which managed keys use: they refuse every model "
+            + "until it is defined again or they get another template (keys update)"
     }
 }

@@ -262,7 +262,8 @@ public final class QuotaEnforcer: SubkeyAuthorizer, AdmissionPolicy {
     public func release(_ admission: Admission) async {
         let day = PeriodCalendar.day(admission.admittedAt)
         let month = PeriodCalendar.month(ofDay: day)
-        let key = CounterKey(keyID: admission.caller.keyID, model: admission.model)
+        // Imported into the registry meanwhile: the reservation moved to the key's id with its counter.
+        let key = CounterKey(keyID: current(admission.caller).keyID, model: admission.model)
         state.withLock { state in
             guard var counter = state.counters[key] else { return }
             counter.lifetime.requests -= 1

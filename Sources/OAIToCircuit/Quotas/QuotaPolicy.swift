@@ -147,8 +147,9 @@ public struct QuotaPolicy: Sendable {
     public private(set) var subjects: [SubkeyDigest: PolicySubject] = [:]
     public private(set) var global: [(pattern: ModelPattern, rule: QuotaRule)] = []
     public private(set) var templates: [String: Template] = [:]
-    /// Subkeys the earlier bridge marked revoked with a `_REVOKED_<subkey>` entry.
-    public private(set) var revokedMarkers: Set<SubkeyDigest> = []
+    /// Subkeys the earlier bridge marked revoked with a `_REVOKED_<subkey>` entry, with the entry's `reason` and
+    /// `revoked_at` when it has them.
+    public private(set) var revokedMarkers: [SubkeyDigest: (reason: String?, revokedAt: String?)] = [:]
     /// Things worth telling the operator that do not make the policy invalid.
     public private(set) var warnings: [String] = []
 
@@ -319,7 +320,14 @@ public struct QuotaPolicy: Sendable {
                     }
                 case _ where member.key.hasPrefix("_"):
                     if member.key.hasPrefix(Self.revokedPrefix), member.key.count > Self.revokedPrefix.count {
-                        policy.revokedMarkers.insert(SubkeyDigest(String(member.key.dropFirst(Self.revokedPrefix.count))))
+                        let subkey = String(member.key.dropFirst(Self.revokedPrefix.count))
+                        func text(_ name: String) -> String? {
+                            guard case .object(let fields) = member.value,
+                                case .string(let value)? = fields.first(where: { $0.key == name })?.value
+                            else { return nil }
+                            return value
+                        }
+                        policy.revokedMarkers[SubkeyDigest(subkey)] = (text("reason"), text("revoked_at"))
                     }
                     ignoredEntries += 1
                 default:

@@ -146,23 +146,25 @@ public enum BridgeServer {
             try? await store.close()
             throw StartupError("cannot read the usage database \(store.location): " + LedgerWriter.describe(error))
         }
+        // A key whose template the policy lacks refuses every model (its limits are unknown); the others serve.
         if let keys, let problem = PolicyReloader.missingTemplates(in: policy, usedBy: keys) {
-            try? await store.close()
-            throw ConfigurationError(source.variable, problem)
+            logger.warning("quota policy: \(problem)")
         }
         let enforcer = QuotaEnforcer(policy: policy, directory: directory, registry: registry ?? keys, clock: clock)
         enforcer.load(snapshot)
-        keys?.onImport { [store] aliases, contents in
-            enforcer.adopt(aliases: aliases)
-            do {
-                _ = try await store.foldImportedKeys(contents, now: clock.now())
-            } catch {
-                logger.error(
-                    "could not move imported keys' usage to their ids",
-                    metadata: ["error": "\(LedgerWriter.describe(error))"]
-                )
+        keys?.onImport(
+            adopt: { aliases in enforcer.adopt(aliases: aliases) },
+            fold: { [store] contents in
+                do {
+                    _ = try await store.foldImportedKeys(contents, now: clock.now())
+                } catch {
+                    logger.error(
+                        "could not move imported keys' usage to their ids",
+                        metadata: ["error": "\(LedgerWriter.describe(error))"]
+                    )
+                }
             }
-        }
+        )
         let metrics = BridgeMetrics(models: configuration.models)
         var spool: SplunkSpool?
         var shipper: HECShipper?
@@ -223,7 +225,7 @@ public enum BridgeServer {
                 ledger: writer.health,
                 location: store.location,
                 policy: reloader.status,
-                managedKeys: keys?.count,
+                managedKeys: keys?.activeCount,
                 splunk: shipper.flatMap { shipper in spool.map { (shipper.status, $0.counts) } }
             )
         }
@@ -393,7 +395,7 @@ public enum BridgeServer {
             logger.notice("quota policy loaded", metadata: ["source": "\(policy.source)", "subkeys": "\(policy.subkeys)"])
         }
         if let keys = assembly.keys {
-            logger.notice("keys registry loaded", metadata: ["keys": "\(keys.count)"])
+            logger.notice("keys registry loaded", metadata: ["active_keys": "\(keys.activeCount)"])
         }
         for warning in assembly.enforcer.policy.warnings {
             logger.warning("quota policy: \(warning)")
