@@ -302,6 +302,30 @@ import Testing
         }
     }
 
+    @Test func withoutABellTheRegistryIsPolled() async throws {
+        let directory = try Harness.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(at: directory) }
+        // A directory where the bell should be: neither the bridge nor the command can open it.
+        try FileManager.default.createDirectory(
+            atPath: KeyChangeBell.path(forDatabase: directory.appendingPathComponent("quota.db").path),
+            withIntermediateDirectories: false
+        )
+        // The test polls by hand (a timer's poll could come between the create and the first request).
+        try await Harness.with(directory: directory, policyPollInterval: .seconds(3_600)) { harness in
+            #expect(harness.logs.all.contains { $0.contains("cannot open the key-change bell") })
+            try await Self.withAdministrator(harness) { administrator in
+                let issued = try await administrator.create(.init(name: "Ivy"), policy: nil)
+                expectError(
+                    try await harness.chat(Harness.chatBody(), subkey: issued.key),
+                    status: 403,
+                    code: "unauthorized_subkey"
+                )
+                await harness.assembly.keys?.poll()
+                #expect(try await harness.chat(Harness.chatBody(), subkey: issued.key).status == 200)
+            }
+        }
+    }
+
     // MARK: Import
 
     static let earlierPolicy = """
@@ -465,6 +489,7 @@ import Testing
                 )
                 #expect(try TestDatabase.usage(harness.databasePath, subkey: alice.id, model: "gpt-4o")?.requests == 3)
                 #expect(try TestDatabase.usage(harness.databasePath, subkey: "team_member_alice", model: "gpt-4o") == nil)
+                #expect(!harness.logs.all.contains { $0.contains("could not move imported keys") })
                 // Revoked by its _REVOKED_ entry, still refused; and once rotated away, the old subkey is refused even
                 // though the policy file still names it.
                 expectError(

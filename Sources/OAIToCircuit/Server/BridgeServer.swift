@@ -126,7 +126,7 @@ public enum BridgeServer {
                 let bell = KeyChangeBell(databasePath: store.location, create: true)
                 if bell == nil {
                     logger.warning(
-                        "cannot map the key-change bell beside the database; key changes take effect within seconds",
+                        "cannot open the key-change bell beside the database; key changes take effect within seconds",
                         metadata: ["path": "\(KeyChangeBell.path(forDatabase: store.location))"]
                     )
                 }
