@@ -4,7 +4,7 @@ import Synchronization
 /// The keys registry as the running bridge sees it: an in-memory copy of the database's tables, looked up by the
 /// SHA-256 of the presented subkey (never by the secret itself, and with a constant-time comparison).
 ///
-/// It stays current without a restart: every request first reads the key-change bell (one memory load) and, when a
+/// It stays current without a restart: every request first reads the key-change bell (one 8-byte pread) and, when a
 /// `keys` command rang it, reloads before authorising, so a revocation holds from the very next request. A poll of
 /// the registry's version (`poll()`, every few seconds from the policy reloader) catches a change whose bell could not
 /// be rung. A rotated secret stops working when its grace ends, checked on each lookup against the clock.
@@ -146,7 +146,7 @@ public final class LiveKeyRegistry: KeyRegistry {
         }
     }
 
-    /// Where the bell lives when none could be mapped at start (set by whoever made the registry).
+    /// Where the bell lives when none could be opened at start (set by whoever made the registry).
     var bellPath: String? {
         get { bellPathState.withLock { $0 } }
         set { bellPathState.withLock { $0 = newValue } }

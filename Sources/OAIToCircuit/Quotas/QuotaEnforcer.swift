@@ -156,7 +156,7 @@ public final class QuotaEnforcer: SubkeyAuthorizer, AdmissionPolicy {
         if let managed = registry?.key(for: digest) {
             guard managed.isActive else { throw .unauthorizedSubkey }
             // A template the policy no longer defines refuses every model: its limits are unknown, and falling back
-            // to no limits would be the costly mistake. (A reload that drops a template in use is rejected.)
+            // to no limits would be the costly mistake. (The reloader logs which keys this hits.)
             if let template = managed.template, state.policy.templates[template] == nil {
                 return QuotaLimits(requests: 0, totalTokens: nil, period: .lifetime)
             }
