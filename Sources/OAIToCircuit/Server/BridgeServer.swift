@@ -8,6 +8,7 @@ import NIOCore
 import NIOPosix
 import NIOSSL
 import ServiceLifecycle
+import Synchronization
 
 /// Assembles and runs the bridge: one shared `HTTPClient`, the HTTP and/or HTTPS listeners over one responder,
 /// graceful shutdown on SIGTERM/SIGINT within `SHUTDOWN_GRACE_SECONDS`.
@@ -343,11 +344,19 @@ public enum BridgeServer {
             throw error
         }
         do {
+            let notifier = SystemdNotifier(logger: logger)
+            let listening = Mutex<[String]>([])
+            let expected = configuration.listener.tls == .both ? 2 : 1
             let services = try listeners(for: assembly.bridge) { scheme, port in
                 logger.notice(
                     "listening",
                     metadata: ["scheme": "\(scheme.rawValue)", "host": "\(configuration.listener.host)", "port": "\(port)"]
                 )
+                let all = listening.withLock { ports in
+                    ports.append("\(scheme.rawValue) \(configuration.listener.host):\(port)")
+                    return ports.count == expected ? ports : nil
+                }
+                if let all { notifier.ready(status: "listening on " + all.joined(separator: ", ")) }
             }
             announce(configuration, assembly: assembly, logger: logger)
             // Shutdown runs in reverse: the listeners stop (finishing in-flight requests, which still commit to the
@@ -357,6 +366,8 @@ public enum BridgeServer {
             members += [.init(service: assembly.writer), .init(service: assembly.reloader), .init(service: services)]
             // Last, so it hears the signal first: the shipper's drain must end within the same grace period.
             if let shipper = assembly.shipper { members.append(.init(service: HECShipper.ShutdownWatch(shipper: shipper))) }
+            // Last of all, so systemd hears STOPPING=1 the moment shutdown begins.
+            members.append(.init(service: notifier))
             var group = ServiceGroupConfiguration(
                 services: members,
                 gracefulShutdownSignals: [.sigterm, .sigint],
