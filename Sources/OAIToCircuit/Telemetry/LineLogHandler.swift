@@ -7,7 +7,10 @@ import Glibc
 import Darwin
 #endif
 
-/// One line per log event on standard error: `2026-11-29T10:30:45Z info request key=value …`.
+/// One line per log event on standard error: `2026-11-29T10:30:45Z info request key=value …`, never with colours.
+/// Under systemd, when standard error is the journal's stream (`JOURNAL_STREAM` names it), a line is
+/// `<5>request key=value …` instead: the syslog priority journald reads (so `journalctl -p warning` works) and no
+/// timestamp of our own, since the journal stamps every line.
 ///
 /// Unlike swift-log's `StreamLogHandler`, metadata is rendered only when a line is written: Hummingbird sets a
 /// request id on the logger of every request, and rendering it each time showed up in the request path's profile.
@@ -15,8 +18,36 @@ public struct LineLogHandler: LogHandler {
     public var metadata: Logger.Metadata = [:]
     public var metadataProvider: Logger.MetadataProvider?
     public var logLevel: Logger.Level = .info
+    let journal: Bool
 
-    public init(label: String) {}
+    /// `journal`: write journald's priority prefixes; by default, when standard error is the journal.
+    public init(label: String, journal: Bool? = nil) {
+        self.journal = journal ?? Self.standardErrorIsJournal
+    }
+
+    /// Whether standard error is the stream `JOURNAL_STREAM` (`<device>:<inode>`) describes, as systemd sets it for
+    /// a service whose output goes to the journal (and a child that inherits the variable but not the stream is not
+    /// fooled).
+    static let standardErrorIsJournal: Bool = {
+        guard let text = getenv("JOURNAL_STREAM").map({ String(cString: $0) }) else { return false }
+        let parts = text.split(separator: ":")
+        guard parts.count == 2, let device = UInt64(parts[0]), let inode = UInt64(parts[1]) else { return false }
+        var status = stat()
+        guard fstat(STDERR_FILENO, &status) == 0 else { return false }
+        return UInt64(status.st_dev) == device && UInt64(status.st_ino) == inode
+    }()
+
+    /// syslog's priorities, as journald reads them from a `<N>` prefix.
+    static func priority(_ level: Logger.Level) -> Int {
+        switch level {
+        case .trace, .debug: 7
+        case .info: 6
+        case .notice: 5
+        case .warning: 4
+        case .error: 3
+        case .critical: 2
+        }
+    }
 
     public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
         get { metadata[key] }
@@ -24,8 +55,7 @@ public struct LineLogHandler: LogHandler {
     }
 
     public func log(event: LogEvent) {
-        var line = Self.timestamp()
-        line += " \(event.level) \(event.message)"
+        var line = journal ? "<\(Self.priority(event.level))>\(event.message)" : "\(Self.timestamp()) \(event.level) \(event.message)"
         var all = metadata
         if let provided = metadataProvider?.get() { all.merge(provided) { $1 } }
         if let extra = event.metadata { all.merge(extra) { $1 } }
@@ -39,8 +69,11 @@ public struct LineLogHandler: LogHandler {
         line += "\n"
         // One write(2) per line, so lines from concurrent requests never interleave.
         var bytes = Array(line.utf8)
-        bytes.withUnsafeMutableBytes { _ = write(STDERR_FILENO, $0.baseAddress, $0.count) }
+        bytes.withUnsafeMutableBytes { _ = write(output, $0.baseAddress, $0.count) }
     }
+
+    /// Where lines go (standard error; a test gives a pipe).
+    var output: Int32 = STDERR_FILENO
 
     private static func timestamp() -> String {
         var now = time(nil)
