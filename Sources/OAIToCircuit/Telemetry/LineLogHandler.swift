@@ -55,7 +55,9 @@ public struct LineLogHandler: LogHandler {
     }
 
     public func log(event: LogEvent) {
-        var line = journal ? "<\(Self.priority(event.level))>\(event.message)" : "\(Self.timestamp()) \(event.level) \(event.message)"
+        var line =
+            journal
+            ? "<\(Self.priority(event.level))>\(event.message)" : "\(Self.timestamp()) \(event.level) \(event.message)"
         var all = metadata
         if let provided = metadataProvider?.get() { all.merge(provided) { $1 } }
         if let extra = event.metadata { all.merge(extra) { $1 } }
