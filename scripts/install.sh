@@ -106,15 +106,22 @@ if ((upgrade)); then
     cp -p "$installed" "$backup/oai-to-circuit"
     database=$state_dir/quota.db
     if [[ -e $database ]]; then
-        for file in "$database" "$database-wal"; do [[ -e $file ]] && cp -p "$file" "$backup/"; done
+        # SQLite's online backup gives a consistent copy even if a bridge is still writing; without Python, the
+        # files themselves (consistent once the service is stopped).
+        if ! python3 -c 'import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))' \
+            "$database" "$backup/quota.db" 2>/dev/null; then
+            for file in "$database" "$database-wal"; do [[ -e $file ]] && cp -p "$file" "$backup/"; done
+        fi
     fi
     say "backed up $("$installed" --version 2>/dev/null || echo 'the old binary') and the database to $backup"
 fi
 
 # 5. The binary, replaced atomically (a running process keeps its old file until it restarts).
+replaced=0
 if [[ -e $installed ]] && cmp -s "$binary" "$installed"; then
     say "the binary at $installed is already $version"
 else
+    replaced=1
     install -m 0755 "$binary" "$installed.new"
     [[ $EUID -ne 0 ]] || chown 0:0 "$installed.new"
     mv -f "$installed.new" "$installed"
@@ -152,6 +159,8 @@ if ((systemctl)); then
         say "starting $unit"
         systemctl start "$unit"
         systemctl is-active --quiet "$unit" && say "$unit is running $version"
+    elif ((replaced)) && ! ((upgrade)) && systemctl is-active --quiet "$unit"; then
+        say "$unit still runs the previous binary: use --upgrade (or restart it) to switch"
     fi
 fi
 
