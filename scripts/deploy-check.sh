@@ -107,6 +107,10 @@ for entry in "${expected[@]}"; do
 done
 if [[ -n $uid || $EUID -ne 0 ]] && [[ -z $wrong ]]; then pass "install.sh: user, files, owners and modes"
 else fail "install.sh: uid '$uid';$wrong"; fi
+if grep -qx 'QUOTAS_JSON_PATH=/etc/oai-to-circuit/quotas.json' "$target/etc/oai-to-circuit/credentials.env" \
+    && grep -qx 'QUOTA_DB_PATH=/var/lib/oai-to-circuit/quota.db' "$target/etc/oai-to-circuit/credentials.env"; then
+    pass "install.sh: the installed credentials.env names the service's database and policy"
+else fail "install.sh: credentials.env lacks the service's paths"; fi
 if grep -q "INSTALLATION.md" <(ls "$target/usr/local/share/doc/oai-to-circuit") 2>/dev/null \
     && grep -q "Next steps" "$work/install1.out"; then pass "install.sh: docs installed, next steps printed"
 else fail "install.sh: docs or next steps missing"; fi

@@ -143,6 +143,9 @@ for example in credentials.env quotas.json; do
     else
         install -m 0640 "$repo/deploy/$example.example" "$conf_dir/$example"
         [[ $EUID -ne 0 ]] || chown "0:$gid" "$conf_dir/$example"
+        # The service's paths, set, so that `--env-file` gives the keys and quotas commands the service's files.
+        [[ $example != credentials.env ]] \
+            || sed -i 's|^# \(QUOTA_DB_PATH=/var/lib/\)|\1|; s|^# \(QUOTAS_JSON_PATH=/etc/\)|\1|' "$conf_dir/$example"
         say "created $conf_dir/$example from its example: fill it in"
     fi
 done
@@ -173,10 +176,11 @@ cat <<EOF
 
 Next steps:
   1. Fill in $conf_dir/credentials.env (CIRCUIT_CLIENT_ID, CIRCUIT_CLIENT_SECRET, CIRCUIT_APPKEY; Splunk HEC if used).
-  2. Edit $conf_dir/quotas.json, then check it:  oai-to-circuit quotas check $conf_dir/quotas.json
+  2. Edit $conf_dir/quotas.json, then check it:  sudo oai-to-circuit quotas check $conf_dir/quotas.json
   3. Start it:                 sudo systemctl enable --now $unit
   4. Watch it:                 systemctl status $unit; journalctl -u $unit -f
-  5. Give people keys:         sudo -u $user oai-to-circuit keys create --name "Alice" --db $state_dir/quota.db
+  5. Give people keys:         sudo -u $user oai-to-circuit keys create --name "Alice" --template standard \\
+                                 --env-file $conf_dir/credentials.env
   6. Test it:                  curl -s http://localhost:12000/health
 Upgrades later: sudo scripts/install.sh --upgrade
 EOF

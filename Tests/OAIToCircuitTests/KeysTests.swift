@@ -401,9 +401,12 @@ import Testing
         #expect(
             try await administrator.importKeys(from: policy, source: "quotas.json", includeDatabaseNames: true).imported.isEmpty
         )
-        // `quotas check --db` now marks the file's entries as managed.
+        // `quotas check --db` now marks the file's entries as managed, and checks the keys' usage under their ids.
         var inspector = QuotaInspector(policy: policy, source: "quotas.json", now: 0)
         inspector.registry = try await ledger.keyRegistry()
+        try TestDatabase.execute(path, "UPDATE usage SET requests = 3 WHERE subkey = ? AND model = 'gpt-4o'", [alice.id])
+        inspector.snapshot = try await ledger.snapshot(day: "2026-12-01", month: "2026-12")
+        #expect(inspector.check().contains("\(alice.id) Alice Smith  gpt-4o  3 requests"))
         #expect(
             inspector.check().contains("subkey entry #1 \(SubkeyDigest("team_member_alice").keyID)  MANAGED: key \(alice.id)")
         )

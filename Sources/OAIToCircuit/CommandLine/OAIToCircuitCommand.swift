@@ -20,8 +20,11 @@ public struct OAIToCircuitCommand: AsyncParsableCommand {
 /// Exit status for invalid configuration (sysexits' EX_CONFIG).
 let configurationExitCode = ExitCode(78)
 
+/// A message for the operator on standard error; under journald at error priority, so `journalctl -p err` shows
+/// why a start failed.
 func printError(_ message: String) {
-    FileHandle.standardError.write(Data((message + "\n").utf8))
+    let prefix = LineLogHandler.standardErrorIsJournal ? "<3>" : ""
+    FileHandle.standardError.write(Data((prefix + message + "\n").utf8))
 }
 
 struct ServeCommand: AsyncParsableCommand {

@@ -100,9 +100,10 @@ public struct QuotaInspector: Sendable {
     private func overLimits(_ snapshot: LedgerSnapshot) -> String {
         var out = ""
         var counters: [String: [String: (lifetime: Tally, daily: Tally, monthly: Tally)]] = [:]
+        let managedIDs = Set(registry.keys.map(\.id))
         for row in snapshot.lifetime {
-            counters[LedgerKeys.keyID(forLedgerKey: row.key), default: [:]][row.model, default: (Tally(), Tally(), Tally())]
-                .lifetime.add(row.tally)
+            let keyID = LedgerKeys.keyID(forLedgerKey: row.key, isManaged: managedIDs.contains)
+            counters[keyID, default: [:]][row.model, default: (Tally(), Tally(), Tally())].lifetime.add(row.tally)
         }
         for row in snapshot.daily {
             counters[row.key, default: [:]][row.model, default: (Tally(), Tally(), Tally())].daily.add(row.tally)
@@ -110,17 +111,38 @@ public struct QuotaInspector: Sendable {
         for row in snapshot.monthly {
             counters[row.key, default: [:]][row.model, default: (Tally(), Tally(), Tally())].monthly.add(row.tally)
         }
+        // Policy-file subjects the registry does not manage, then the registry's active keys, each with its rules.
+        var checked: [(label: String, keyID: String, limits: (String) -> QuotaLimits)] = []
+        let managedDigests = Set(registry.secrets.compactMap { SubkeyDigest(hash: $0.hash) })
+        for subject in policy.orderedSubjects where !managedDigests.contains(subject.digest) {
+            checked.append(("#\(subject.ordinal) \(subject.keyID)", subject.keyID, subject.limits(for:)))
+        }
+        for key in registry.keys where key.status == .active {
+            let own = (try? key.rules.map { try QuotaPolicy.parseRules(Array($0.utf8), source: "rules") }) ?? nil
+            let rules = policy.effectiveRules(template: key.template, own: own ?? [])
+            let templateMissing = key.template.map { policy.templates[$0] == nil } ?? false
+            checked.append(
+                (
+                    "\(key.id) \(key.name)", key.id,
+                    { model in
+                        templateMissing
+                            ? QuotaLimits(requests: 0, totalTokens: nil, period: .lifetime)
+                            : QuotaPolicy.limits(in: rules, for: model)
+                    }
+                )
+            )
+        }
         var rows = [["subkey", "model", "limit", "used", "period"]]
-        for subject in policy.orderedSubjects {
+        for subject in checked {
             for (model, tallies) in (counters[subject.keyID] ?? [:]).sorted(by: { $0.key < $1.key }) {
-                let limits = subject.limits(for: model)
+                let limits = subject.limits(model)
                 let used: Tally
                 switch limits.period {
                 case .lifetime: used = tallies.lifetime
                 case .daily: used = tallies.daily
                 case .monthly: used = tallies.monthly
                 }
-                let label = "#\(subject.ordinal) \(subject.keyID)"
+                let label = subject.label
                 if limits.isBlocked {
                     rows.append([label, model, "blocked", "\(used.requests) requests", limits.period.rawValue])
                     continue
