@@ -43,7 +43,7 @@ exposure=$(systemd-analyze security --offline=true "$UNIT" 2>/dev/null \
 if [[ -n $exposure ]] && awk -v e="$exposure" 'BEGIN { exit !(e <= 2.0) }'; then
     pass "unit: security exposure $exposure (at most 2.0)"
 else fail "unit: security exposure '${exposure:-unknown}' (must be at most 2.0)"; fi
-if grep -q '^RestartPreventExitStatus=78$' "$UNIT" && grep -q '^Type=notify$' "$UNIT" \
+if grep -Eq '^RestartPreventExitStatus=(.* )?78( .*)?$' "$UNIT" && grep -q '^Type=notify$' "$UNIT" \
     && grep -q '^StartLimitBurst=' "$UNIT" && awk '/^\[Unit\]/{u=1} /^\[Service\]/{u=0} u && /^StartLimit/ {n++} END {exit n < 2}' "$UNIT"; then
     pass "unit: notify type, no restart on exit 78, start limit in [Unit] where systemd applies it"
 else fail "unit: Type=notify, RestartPreventExitStatus=78 or the [Unit] start limit is missing"; fi
@@ -68,17 +68,22 @@ with open(sys.argv[2], "w") as log:
 PYEOF
 listener=$!
 for _ in $(seq 50); do [[ -S $work/notify.sock ]] && break; sleep 0.1; done
+# With HTTP and HTTPS: READY=1 waits for both listeners.
+"$BRIDGE" cert generate --cert "$work/cert.pem" --key "$work/key.pem" >/dev/null
 env -i "PATH=$PATH" "NOTIFY_SOCKET=$work/notify.sock" WATCHDOG_USEC=200000 "QUOTA_DB_PATH=$work/notify.db" \
-    "QUOTAS_JSON_PATH=$work/none.json" "$BRIDGE" serve --host 127.0.0.1 --port 0 >"$work/notify-bridge.log" 2>&1 &
+    "QUOTAS_JSON_PATH=$work/none.json" "$BRIDGE" serve --host 127.0.0.1 --port 0 --ssl --ssl-port 0 \
+    --cert "$work/cert.pem" --key "$work/key.pem" >"$work/notify-bridge.log" 2>&1 &
 bridge=$!
 for _ in $(seq 100); do grep -q '^READY=1' "$notify_log" 2>/dev/null && grep -q '^WATCHDOG=1' "$notify_log" && break; sleep 0.1; done
 kill -TERM "$bridge"
 status=0
 wait "$bridge" || status=$?
 wait "$listener" || true
-if grep -q '^READY=1 STATUS=listening on http 127.0.0.1:[0-9]* MAINPID='"$bridge"'$' "$notify_log" \
-    && grep -q '^WATCHDOG=1$' "$notify_log" && grep -q '^STOPPING=1' "$notify_log" && ((status == 0)); then
-    pass "sd_notify: READY=1 once listening, WATCHDOG=1 pings, STOPPING=1 on SIGTERM, exit 0"
+ready=$(grep '^READY=1 STATUS=listening on ' "$notify_log" || true)
+if [[ $ready =~ http\ 127\.0\.0\.1:[0-9]+ && $ready =~ https\ 127\.0\.0\.1:[0-9]+ && $ready == *" MAINPID=$bridge" ]] \
+    && grep -q '^WATCHDOG=1$' "$notify_log" && grep -q '^STOPPING=1 .* EXTEND_TIMEOUT_USEC=45000000$' "$notify_log" \
+    && ((status == 0)); then
+    pass "sd_notify: READY=1 once both listeners accept, WATCHDOG=1 pings, STOPPING=1 on SIGTERM, exit 0"
 else fail "sd_notify: status $status, messages: $(head -c 600 "$notify_log")"; fi
 
 # --- install.sh into a temporary root, twice ------------------------------------------------------------------
@@ -115,9 +120,10 @@ if grep -q "INSTALLATION.md" <(ls "$target/usr/local/share/doc/oai-to-circuit") 
     && grep -q "Next steps" "$work/install1.out"; then pass "install.sh: docs installed, next steps printed"
 else fail "install.sh: docs or next steps missing"; fi
 
-# Configuration an operator edited survives; a second run changes nothing else.
+# Configuration an operator edited survives; a second run changes nothing else, not even a file's time.
 echo "CIRCUIT_CLIENT_ID=edited" >>"$target/etc/oai-to-circuit/credentials.env"
-snapshot() { (cd "$target" && find . -printf '%p %m %u %g %s\n' | sort; find . -type f -exec md5sum {} + | sort); }
+echo '{"_global": {"*": {"requests": 1}}}' >"$target/etc/oai-to-circuit/quotas.json"
+snapshot() { (cd "$target" && find . -printf '%p %m %u %g %s %T@\n' | sort; find . -type f -exec md5sum {} + | sort); }
 snapshot >"$work/before"
 if install_run >"$work/install2.out" 2>&1 && snapshot >"$work/after" && cmp -s "$work/before" "$work/after" \
     && grep -q "kept the existing" "$work/install2.out"; then
@@ -139,6 +145,16 @@ if install_run --upgrade >"$work/upgrade.out" 2>&1; then
         pass "install.sh --upgrade: database and old binary backed up, binary replaced"
     else fail "install.sh --upgrade: backup or replacement missing: $(tail -c 600 "$work/upgrade.out")"; fi
 else fail "install.sh --upgrade: $(tail -c 800 "$work/upgrade.out")"; fi
+# A unit of the same name that runs something else (the earlier bridge) is left alone; ours goes beside it.
+other=$work/other-root
+mkdir -p "$other/etc/systemd/system"
+printf '[Service]\nExecStart=/usr/bin/python3 /opt/oai-to-circuit/app.py\n' >"$other/etc/systemd/system/oai-to-circuit.service"
+cp "$other/etc/systemd/system/oai-to-circuit.service" "$work/python-unit"
+if bash scripts/install.sh --prefix "$other" --binary "$BRIDGE" >"$work/other.out" 2>&1 \
+    && cmp -s "$work/python-unit" "$other/etc/systemd/system/oai-to-circuit.service" \
+    && cmp -s "$UNIT" "$other/etc/systemd/system/oai-to-circuit.service.new"; then
+    pass "install.sh: leaves a unit that runs the earlier bridge alone, writes ours as .service.new"
+else fail "install.sh: foreign unit: $(tail -c 600 "$work/other.out")"; fi
 if bash scripts/install.sh --bogus >/dev/null 2>&1; then fail "install.sh: accepted an unknown option"
 else pass "install.sh: refuses an unknown option"; fi
 

@@ -162,21 +162,41 @@ import Testing
         #expect((command as? ServeCommand)?.port == "9999")
     }
 
-    @Test func theExampleEnvironmentFileIsAValidConfiguration() throws {
+    @Test func theExampleEnvironmentFileIsAValidConfigurationWhoseShownDefaultsAreTheDefaults() throws {
         let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
             .deletingLastPathComponent()
-        let values = try EnvironmentFile.load(path: root.appendingPathComponent("deploy/credentials.env.example").path)
+        let example = root.appendingPathComponent("deploy/credentials.env.example")
+        let values = try EnvironmentFile.load(path: example.path)
         let configuration = try BridgeConfiguration(environment: values)
         #expect(configuration.models == BridgeConfiguration.knownModels)
-        // Every variable the bridge reads is documented there (and so in the README's table).
-        for name in [
-            "CIRCUIT_CLIENT_ID", "UPSTREAM_TIMEOUT_SECONDS", "UPSTREAM_MAX_CONNECTIONS", "SHUTDOWN_GRACE_SECONDS",
-            "MAX_REQUEST_BYTES", "CORS_ALLOW_ORIGINS", "CIRCUIT_MODELS", "SPLUNK_VERIFY_SSL", "USAGE_LOG_RETENTION_DAYS",
-            "SPLUNK_BATCH_MAX_EVENTS", "SPLUNK_BATCH_MAX_BYTES", "SPLUNK_FLUSH_INTERVAL_MS", "SPLUNK_HEC_GZIP",
-            "SPLUNK_HEC_TIMEOUT_SECONDS", "SPLUNK_SPOOL_MAX_EVENTS",
-        ] {
-            #expect(values[name] != nil, "\(name) missing from the example")
-        }
+        // Uncommenting every setting shown with its default changes nothing (paths, inline policy and channel are
+        // examples, not defaults).
+        let examples = ["QUOTA_DB_PATH", "QUOTAS_JSON_PATH", "QUOTAS_JSON", "SPLUNK_HEC_CHANNEL"]
+        let text = try String(contentsOf: example, encoding: .utf8).split(separator: "\n", omittingEmptySubsequences: false)
+            .map { line -> Substring in
+                guard line.hasPrefix("# "), let equals = line.firstIndex(of: "="),
+                    line.dropFirst(2)[..<equals].allSatisfy({ $0.isUppercase || $0 == "_" }),
+                    !examples.contains(String(line.dropFirst(2)[..<equals]))
+                else { return line }
+                return line.dropFirst(2)
+            }.joined(separator: "\n")
+        let shown = try EnvironmentFile.parse(text)
+        #expect(shown.count > values.count + 20)
+        let defaults = try BridgeConfiguration(environment: [:])
+        let explicit = try BridgeConfiguration(environment: shown)
+        #expect(explicit.circuitBase == defaults.circuitBase && explicit.tokenURL == defaults.tokenURL)
+        #expect(explicit.apiVersion == defaults.apiVersion && explicit.models == defaults.models)
+        #expect(explicit.upstreamTimeout == defaults.upstreamTimeout)
+        #expect(explicit.upstreamMaxConnections == defaults.upstreamMaxConnections)
+        #expect(explicit.maxRequestBytes == defaults.maxRequestBytes && explicit.splunk.source == defaults.splunk.source)
+        #expect(explicit.requireSubkey == defaults.requireSubkey && explicit.shutdownGrace == defaults.shutdownGrace)
+        #expect(explicit.logLevel == defaults.logLevel && explicit.usageLogRetentionDays == defaults.usageLogRetentionDays)
+        #expect(explicit.splunk.batchMaxEvents == defaults.splunk.batchMaxEvents)
+        #expect(explicit.splunk.batchMaxBytes == defaults.splunk.batchMaxBytes)
+        #expect(explicit.splunk.flushInterval == defaults.splunk.flushInterval && explicit.splunk.gzip == defaults.splunk.gzip)
+        #expect(explicit.splunk.timeout == defaults.splunk.timeout)
+        #expect(explicit.splunk.spoolMaxEvents == defaults.splunk.spoolMaxEvents)
+        #expect(explicit.splunk.index == defaults.splunk.index && explicit.splunk.sourcetype == defaults.splunk.sourcetype)
     }
 
     @Test func splunkDeliverySettings() throws {

@@ -59,6 +59,7 @@ import Glibc
         let socket = try NotifySocket(path: path, abstract: abstract)
         let notifier = SystemdNotifier(
             environment: ["NOTIFY_SOCKET": socket.name, "WATCHDOG_USEC": "100000", "WATCHDOG_PID": "\(getpid())"],
+            shutdownGrace: .seconds(30),
             logger: Logger(label: "test")
         )
         #expect(notifier.watchdogInterval == .milliseconds(50))
@@ -81,6 +82,8 @@ import Glibc
             if message.hasPrefix("STOPPING=1") { break }
         }
         #expect(last?.hasPrefix("STOPPING=1\n") == true)
+        // Stopping may take the grace period and its margins, however short the unit's TimeoutStopSec.
+        #expect(last?.hasSuffix("\nEXTEND_TIMEOUT_USEC=45000000") == true)
     }
 
     @Test func withoutASocketOrForAnotherProcessNothingIsSent() async throws {

@@ -344,7 +344,7 @@ public enum BridgeServer {
             throw error
         }
         do {
-            let notifier = SystemdNotifier(logger: logger)
+            let notifier = SystemdNotifier(shutdownGrace: configuration.shutdownGrace, logger: logger)
             let listening = Mutex<[String]>([])
             let expected = configuration.listener.tls == .both ? 2 : 1
             let services = try listeners(for: assembly.bridge) { scheme, port in

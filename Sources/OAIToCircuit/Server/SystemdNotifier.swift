@@ -19,13 +19,23 @@ public final class SystemdNotifier: Service, Sendable {
     let socketPath: String?
     /// Half the watchdog interval; `nil` without a watchdog.
     let watchdogInterval: Duration?
+    /// How long stopping may take (the grace period, Splunk's drain within it, and a margin): sent with STOPPING=1
+    /// as EXTEND_TIMEOUT_USEC, so a grace period set above the unit's TimeoutStopSec is not cut short.
+    let stopAllowance: Duration?
     let logger: Logger
 
-    /// Reads `NOTIFY_SOCKET`, `WATCHDOG_USEC` and `WATCHDOG_PID` from `environment`.
-    public init(environment: [String: String] = ProcessInfo.processInfo.environment, logger: Logger) {
+    /// Reads `NOTIFY_SOCKET`, `WATCHDOG_USEC` and `WATCHDOG_PID` from `environment`. `shutdownGrace`:
+    /// SHUTDOWN_GRACE_SECONDS.
+    public init(
+        environment: [String: String] = ProcessInfo.processInfo.environment,
+        shutdownGrace: Duration? = nil,
+        logger: Logger
+    ) {
         let path = environment["NOTIFY_SOCKET"].flatMap { $0.isEmpty ? nil : $0 }
         self.socketPath = path
         self.logger = logger
+        // The service group's grace, then its 5 s of cancellation, and a margin to exit.
+        self.stopAllowance = shutdownGrace.map { $0 + .seconds(15) }
         let forUs = environment["WATCHDOG_PID"].map { Int32($0) == getpid() } ?? true
         if path != nil, forUs, let text = environment["WATCHDOG_USEC"], let microseconds = UInt64(text), microseconds > 0 {
             self.watchdogInterval = .microseconds(Int64(clamping: microseconds / 2))
@@ -57,10 +67,15 @@ public final class SystemdNotifier: Service, Sendable {
         } else {
             try? await gracefulShutdown()
         }
-        send("STOPPING=1\nSTATUS=stopping: finishing in-flight requests")
+        var stopping = "STOPPING=1\nSTATUS=stopping: finishing in-flight requests"
+        if let stopAllowance {
+            let (seconds, attoseconds) = stopAllowance.components
+            stopping += "\nEXTEND_TIMEOUT_USEC=\(seconds * 1_000_000 + attoseconds / 1_000_000_000_000)"
+        }
+        send(stopping)
     }
 
-    /// One datagram; failures are logged once at debug level and never stop the bridge.
+    /// One datagram; a failure is logged at debug level and never stops the bridge.
     func send(_ message: String) {
         guard let socketPath else { return }
         let descriptor = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
