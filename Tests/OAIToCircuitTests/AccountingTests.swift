@@ -68,10 +68,12 @@ import Testing
         settings.headerDelay = .milliseconds(600)
         try await Harness.with(circuitSettings: settings) { harness async throws in
             let request = harness.chatRequest(Harness.chatBody(model: "slow-headers", stream: true))
-            // The client gives up long before Circuit answers.
-            await #expect(throws: (any Error).self) {
-                _ = try await harness.client.execute(request, timeout: .milliseconds(100))
-            }
+            // The client gives up once Circuit has the request, long before Circuit answers (waiting for that, not a
+            // fixed time: a loaded machine may take longer than any timeout to get the request there).
+            let client = Task { try await harness.client.execute(request, timeout: .seconds(30)) }
+            await harness.circuit.requests.wait { $0.contains { $0.path.contains("slow-headers") } }
+            client.cancel()
+            await #expect(throws: (any Error).self) { _ = try await client.value }
             await harness.recorder.usage.wait { !$0.isEmpty }
             let record = try #require(await harness.recorder.usage.entries.first)
             #expect(record.clientDisconnected && record.isStreaming && record.statusCode == 200)

@@ -57,9 +57,11 @@ import Testing
         try await Harness.with(circuitSettings: settings) { harness async throws in
             #expect(try await harness.chat(Harness.chatBody(stream: true)).status == 200)
             let request = harness.chatRequest(Harness.chatBody(model: "slow-headers", stream: true))
-            await #expect(throws: (any Error).self) {
-                _ = try await harness.client.execute(request, timeout: .milliseconds(100))
-            }
+            // The client gives up once Circuit has the request (an event, not a fixed time), before Circuit answers.
+            let client = Task { try await harness.client.execute(request, timeout: .seconds(30)) }
+            await harness.circuit.requests.wait { $0.contains { $0.path.contains("slow-headers") } }
+            client.cancel()
+            await #expect(throws: (any Error).self) { _ = try await client.value }
             await harness.recorder.usage.wait(until: { $0.count == 2 })
             let rows = try TestDatabase.rows(
                 harness.databasePath,
