@@ -139,6 +139,7 @@ struct KeysCommand: AsyncParsableCommand {
                 if let rules { new.rules = try KeysCommand.rules(rules) }
                 return try await administrator.create(new, policy: template == nil ? nil : try KeysCommand.policy(environment))
             }
+            // The key's only appearance, on standard output for the operator who asked for it; never logged.
             if json {
                 var writer = KeysCommand.json(issued.record)
                 writer.string("key", issued.key)
@@ -296,6 +297,7 @@ struct KeysCommand: AsyncParsableCommand {
             let issued = try await KeysCommand.run(database, mustExist: true) { administrator, _ in
                 try await administrator.rotate(key, grace: seconds, prefix: prefix)
             }
+            // The new secret's only appearance, on standard output for the operator who asked for it; never logged.
             if json {
                 var writer = KeysCommand.json(issued.record)
                 writer.string("key", issued.key)
@@ -417,8 +419,7 @@ struct KeysCommand: AsyncParsableCommand {
         rows.append(["own rules", record.rules ?? "-"])
         var out = TextTable.render(rows.map { [$0[0] + ":", $0[1]] }, rightAligned: [])
         if let policy {
-            let own = (try? record.rules.map { try QuotaPolicy.parseRules(Array($0.utf8), source: "rules") }) ?? nil
-            let rules = policy.effectiveRules(template: record.template, own: own ?? [])
+            let rules = policy.effectiveRules(template: record.template, own: record.enforcedRules)
             out += "\neffective rules (global, then template, then own):\n"
             if record.template.map({ policy.templates[$0] == nil }) ?? false {
                 out += "  the policy does not define template '\(record.template ?? "")': every model is refused\n"

@@ -122,7 +122,7 @@ public struct KeyAdministrator: Sendable {
             let lastUsed = try KeyTables.lastUsed(db)
             return contents.keys.map { record in
                 var total = Tally()
-                for tally in usage[record.id]?.values.map({ $0 }) ?? [] { total.add(tally) }
+                for tally in (usage[record.id] ?? [:]).values { total.add(tally) }
                 let grace = contents.secrets.filter { $0.keyID == record.id && $0.expiresAt != nil && $0.isValid(at: now) }
                 return Summary(
                     record: record,

@@ -46,11 +46,6 @@ public enum KeyFormat {
         return String(decoding: id, as: UTF8.self)
     }
 
-    /// Whether `text` has the form of an id (it may still name no key).
-    public static func looksLikeID(_ text: String) -> Bool {
-        text.utf8.count == idLength && text.utf8.allSatisfy { idAlphabet.contains($0) }
-    }
-
     /// A prefix is 1 to 32 letters, digits, `-` or `_`, starting with a letter or digit: it stays URL-safe and
     /// cannot be confused with the id and secret that follow it.
     public static func validatePrefix(_ prefix: String) -> String? {

@@ -65,6 +65,20 @@ public struct KeyRecord: Sendable, Equatable {
     }
 }
 
+extension KeyRecord {
+    /// Its own rules, parsed.
+    func parsedRules() throws(PolicyError) -> [(pattern: ModelPattern, rule: QuotaRule)] {
+        guard let rules else { return [] }
+        return try QuotaPolicy.parseRules(Array(rules.utf8), source: "key \(id) rules")
+    }
+
+    /// The rules the bridge enforces as the key's own: rules that do not parse (only a hand-edited database has
+    /// them) refuse every model, which is safer than no limits.
+    var enforcedRules: [(pattern: ModelPattern, rule: QuotaRule)] {
+        (try? parsedRules()) ?? [(ModelPattern.anyModel, QuotaRule(requests: .limit(0)))]
+    }
+}
+
 /// The SHA-256 of one secret of a key. A key has one current secret and, after `keys rotate --grace`, older ones
 /// that work until they expire. Expired hashes are kept, so a retired secret is always refused, even if a policy
 /// file still names it.

@@ -40,16 +40,7 @@ enum KeyTables {
         guard try db.tableExists("managed_key") else { return KeyRegistryContents() }
         var contents = KeyRegistryContents(version: try version(db))
         contents.keys = try Row.fetchAll(db, sql: "SELECT * FROM managed_key ORDER BY created_at, id").map(record)
-        contents.secrets = try Row.fetchAll(db, sql: "SELECT * FROM managed_key_secret ORDER BY created_at").map { row in
-            let hash: Data = row["hash"]
-            return KeySecret(
-                hash: Array(hash),
-                keyID: row["key_id"],
-                createdAt: row["created_at"],
-                expiresAt: row["expires_at"],
-                imported: row["imported"]
-            )
-        }
+        contents.secrets = try Row.fetchAll(db, sql: "SELECT * FROM managed_key_secret ORDER BY created_at").map(secret)
         return contents
     }
 
@@ -127,16 +118,18 @@ enum KeyTables {
             db,
             sql: "SELECT * FROM managed_key_secret WHERE key_id = ? ORDER BY created_at",
             arguments: [keyID]
-        ).map { row in
-            let hash: Data = row["hash"]
-            return KeySecret(
-                hash: Array(hash),
-                keyID: keyID,
-                createdAt: row["created_at"],
-                expiresAt: row["expires_at"],
-                imported: row["imported"]
-            )
-        }
+        ).map(secret)
+    }
+
+    static func secret(_ row: Row) -> KeySecret {
+        let hash: Data = row["hash"]
+        return KeySecret(
+            hash: Array(hash),
+            keyID: row["key_id"],
+            createdAt: row["created_at"],
+            expiresAt: row["expires_at"],
+            imported: row["imported"]
+        )
     }
 
     static func history(of keyID: String, _ db: Database) throws -> [KeyHistoryEntry] {

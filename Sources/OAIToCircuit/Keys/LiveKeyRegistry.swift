@@ -56,7 +56,7 @@ public final class LiveKeyRegistry: KeyRegistry {
         self.clock = clock
         self.logger = logger
         let seen = bell?.value ?? 0
-        install(try await source.keyRegistry(), bellSeen: seen)
+        publish(build(try await source.keyRegistry()), bellSeen: seen)
     }
 
     /// Sets what hears about newly imported keys: the enforcer moves their counters (`adopt`), the ledger moves
@@ -185,10 +185,6 @@ public final class LiveKeyRegistry: KeyRegistry {
         }
     }
 
-    private func install(_ contents: KeyRegistryContents, bellSeen: UInt64) {
-        publish(build(contents), bellSeen: bellSeen)
-    }
-
     /// Swaps `snapshot` in; returns whether the registry changed.
     @discardableResult
     private func publish(_ snapshot: Snapshot, bellSeen: UInt64) -> Bool {
@@ -205,19 +201,15 @@ public final class LiveKeyRegistry: KeyRegistry {
     private func build(_ contents: KeyRegistryContents) -> Snapshot {
         var snapshot = Snapshot(version: contents.version, contents: contents)
         for record in contents.keys {
-            var rules: [(pattern: ModelPattern, rule: QuotaRule)] = []
-            if let text = record.rules {
-                do {
-                    rules = try QuotaPolicy.parseRules(Array(text.utf8), source: "key \(record.id)")
-                } catch {
-                    // Only a hand-edited database gets here; refusing every model is safer than no limits.
-                    logger.error(
-                        "a managed key's rules do not parse; every model is refused for it",
-                        metadata: ["key_id": "\(record.id)", "error": "\(error.message)"]
-                    )
-                    rules = [(ModelPattern.anyModel, QuotaRule(requests: .limit(0)))]
-                }
+            do {
+                _ = try record.parsedRules()
+            } catch {
+                logger.error(
+                    "a managed key's rules do not parse; every model is refused for it",
+                    metadata: ["key_id": "\(record.id)", "error": "\(error.message)"]
+                )
             }
+            let rules = record.enforcedRules
             snapshot.keys[record.id] = ManagedKey(
                 keyID: record.id,
                 friendlyName: record.name,

@@ -158,7 +158,7 @@ public final class QuotaEnforcer: SubkeyAuthorizer, AdmissionPolicy {
             // A template the policy no longer defines refuses every model: its limits are unknown, and falling back
             // to no limits would be the costly mistake. (The reloader logs which keys this hits.)
             if let template = managed.template, state.policy.templates[template] == nil {
-                return QuotaLimits(requests: 0, totalTokens: nil, period: .lifetime)
+                return .blocked
             }
             let rules = state.policy.effectiveRules(template: managed.template, own: managed.rules)
             return QuotaPolicy.limits(in: rules, for: model)

@@ -118,16 +118,14 @@ public struct QuotaInspector: Sendable {
             checked.append(("#\(subject.ordinal) \(subject.keyID)", subject.keyID, subject.limits(for:)))
         }
         for key in registry.keys where key.status == .active {
-            let own = (try? key.rules.map { try QuotaPolicy.parseRules(Array($0.utf8), source: "rules") }) ?? nil
-            let rules = policy.effectiveRules(template: key.template, own: own ?? [])
+            let rules = policy.effectiveRules(template: key.template, own: key.enforcedRules)
             let templateMissing = key.template.map { policy.templates[$0] == nil } ?? false
             checked.append(
                 (
                     "\(key.id) \(key.name)", key.id,
                     { model in
                         templateMissing
-                            ? QuotaLimits(requests: 0, totalTokens: nil, period: .lifetime)
-                            : QuotaPolicy.limits(in: rules, for: model)
+                            ? QuotaLimits.blocked : QuotaPolicy.limits(in: rules, for: model)
                     }
                 )
             )
@@ -200,8 +198,7 @@ public struct QuotaInspector: Sendable {
                 out += "refused (403 model_not_allowed): the policy does not define its template '\(template)'\n"
                 return (out, true)
             }
-            let own = (try? key.rules.map { try QuotaPolicy.parseRules(Array($0.utf8), source: "rules") }) ?? nil
-            let rules = policy.effectiveRules(template: key.template, own: own ?? [])
+            let rules = policy.effectiveRules(template: key.template, own: key.enforcedRules)
             return (out + explain(rules: rules, keyID: key.id, model: model), true)
         }
         guard let subject = policy.subject(for: subkey) else {

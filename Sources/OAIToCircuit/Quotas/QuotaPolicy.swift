@@ -83,6 +83,8 @@ public struct QuotaLimits: Sendable, Equatable {
     public var periodPattern: String?
 
     public static let unlimited = QuotaLimits(requests: nil, totalTokens: nil, period: .lifetime)
+    /// Every model refused (403 `model_not_allowed`).
+    public static let blocked = QuotaLimits(requests: 0, totalTokens: nil, period: .lifetime)
 
     public init(
         requests: Int64?,
@@ -564,18 +566,12 @@ public struct SubkeyDigest: Hashable, Sendable {
         return (word(0), word(1), word(2), word(3))
     }
 
-    /// The 32 bytes.
-    public var bytes: [UInt8] {
-        var out: [UInt8] = []
-        out.reserveCapacity(32)
-        for word in [words.0, words.1, words.2, words.3] {
-            for shift in stride(from: 56, through: 0, by: -8) { out.append(UInt8(truncatingIfNeeded: word >> UInt64(shift))) }
-        }
-        return out
+    /// `sha256:` and the first 16 hex digits (the first eight bytes: the first word), as logs, the ledger and Splunk
+    /// name a policy-file key. Computed per request for policy-file keys, so without an intermediate array.
+    public var keyID: String {
+        let hex = String(words.0, radix: 16)
+        return "sha256:" + String(repeating: "0", count: 16 - hex.count) + hex
     }
-
-    /// `sha256:` and the first 16 hex digits, as logs, the ledger and Splunk name a policy-file key.
-    public var keyID: String { Self.keyID(ofHash: bytes) }
 
     /// Every word is compared, whatever differs first.
     public static func == (lhs: SubkeyDigest, rhs: SubkeyDigest) -> Bool {
