@@ -4,15 +4,15 @@ import NIOCore
 ///
 /// Circuit's body is the client's minus `model`, with `user` carrying the appkey and, for streams,
 /// `stream_options.include_usage` set. Every other member is copied byte for byte.
-struct ChatRequest: Sendable {
-    var model: String
-    var isStreaming: Bool
+public struct ChatRequest: Sendable {
+    public var model: String
+    public var isStreaming: Bool
     /// The client itself set `stream_options.include_usage`; otherwise the usage-only chunk is hidden from it.
-    var clientWantsUsage: Bool
-    var upstreamBody: ByteBuffer
+    public var clientWantsUsage: Bool
+    public var upstreamBody: ByteBuffer
 
     /// Validates `body` (a JSON object with a valid `model`) and builds Circuit's body.
-    static func parse(_ body: ByteBuffer, appKey: String) throws(BridgeError) -> ChatRequest {
+    public static func parse(_ body: ByteBuffer, appKey: String) throws(BridgeError) -> ChatRequest {
         let result: Result<ChatRequest, BridgeError> = body.withUnsafeReadableBytes { raw in
             let bytes = raw.assumingMemoryBound(to: UInt8.self)
             do throws(BridgeError) {

@@ -7,11 +7,11 @@ import NIOCore
 /// Tolerates `data:` without a space and CRLF line ends. Emits whole lines (whole events while hiding), so a
 /// client sees each chunk as soon as its line is complete; only a partial line is ever waited for. What it holds
 /// is bounded: a line or event longer than `maximumHeld` is passed on as it is.
-struct ServerSentEventFilter {
+public struct ServerSentEventFilter {
     /// The latest usage Circuit reported in the stream so far.
-    private(set) var usage: Usage?
+    public private(set) var usage: Usage?
     /// Whether `data: [DONE]` has been seen.
-    private(set) var sawDone = false
+    public private(set) var sawDone = false
 
     private let hidesUsageChunk: Bool
     /// Bytes received and not yet sent or dropped.
@@ -30,12 +30,12 @@ struct ServerSentEventFilter {
     private var sentEndsAnEvent = true
     static let maximumHeld = 1 << 20
 
-    init(hidesUsageChunk: Bool) {
+    public init(hidesUsageChunk: Bool) {
         self.hidesUsageChunk = hidesUsageChunk
     }
 
     /// Takes the next bytes from Circuit; returns what the client should get now.
-    mutating func consume(_ buffer: ByteBuffer) -> ByteBuffer? {
+    public mutating func consume(_ buffer: ByteBuffer) -> ByteBuffer? {
         if sawDone {
             // Nothing should follow [DONE]; whatever does is held (up to the bound) and sent at the end.
             guard pending.count < Self.maximumHeld else { return nil }
@@ -78,7 +78,7 @@ struct ServerSentEventFilter {
     }
 
     /// At the end of Circuit's stream: reads an unterminated last event and returns everything still held.
-    mutating func finish() -> ByteBuffer? {
+    public mutating func finish() -> ByteBuffer? {
         var drops: [Range<Int>] = []
         if !sawDone {
             if scanned < pending.count {

@@ -17,14 +17,14 @@ public struct Usage: Sendable, Equatable, CustomStringConvertible {
 
 extension Usage {
     /// What one JSON object (a whole answer or one streamed chunk) says about usage.
-    struct Observation: Equatable {
-        var usage: Usage?
+    public struct Observation: Equatable {
+        public var usage: Usage?
         /// The object has `"choices": []`; with `usage` set that is the usage-only chunk of a stream.
-        var hasEmptyChoices: Bool
+        public var hasEmptyChoices: Bool
     }
 
     /// Reads `usage` and `choices` from a JSON object; `nil` when the bytes are not a JSON object.
-    static func observe(_ bytes: UnsafeBufferPointer<UInt8>) -> Observation? {
+    public static func observe(_ bytes: UnsafeBufferPointer<UInt8>) -> Observation? {
         guard let members = try? JSONScanner.objectMembers(bytes) else { return nil }
         var observation = Observation(usage: nil, hasEmptyChoices: false)
         for member in members {
