@@ -58,7 +58,11 @@ let package = Package(
         ),
         .executableTarget(
             name: "oai-to-circuit",
-            dependencies: ["OAIToCircuit"],
+            dependencies: [
+                "OAIToCircuit",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
             swiftSettings: swiftSettings
         ),
         .target(

@@ -1,10 +1,8 @@
 import AsyncAlgorithms
-import AsyncHTTPClient
 import HTTPTypes
 import Hummingbird
 import Logging
 import NIOCore
-import NIOHTTP1
 import Synchronization
 
 /// `POST /v1/chat/completions`, in the contract's order: subkey, body, policy, rewrite, token, forward, answer,
@@ -21,9 +19,14 @@ extension BridgeResponder {
         let admission = try await bridge.policy.admit(caller, model: chat.model)
 
         let sent = ContinuousClock.now
-        let upstream: HTTPClientResponse
+        let upstream: UpstreamResponse
         do {
-            upstream = try await bridge.circuit.send(model: chat.model, body: chat.upstreamBody, logger: bridge.logger)
+            upstream = try await bridge.circuit.send(
+                model: chat.model,
+                body: chat.upstreamBody,
+                collectLimit: Self.maximumAnswerBytes,
+                logger: bridge.logger
+            )
         } catch {
             await bridge.policy.release(admission)
             throw error
@@ -46,7 +49,15 @@ extension BridgeResponder {
             status: status
         )
 
-        if upstream.headers.first(name: "content-type")?.lowercased().hasPrefix("text/event-stream") == true {
+        let answer: ByteBuffer
+        switch upstream.body {
+        case .complete(let body):
+            answer = body
+        case .broken(let error):
+            // Circuit answered, so the request counts; the client gets the transport failure.
+            await accounting.commit(usage: .zero, clientDisconnected: false)
+            throw CircuitClient.classify(error, logger: bridge.logger)
+        case .stream(let stream):
             exchange.logsWhenStreamEnds = true
             // Proxies between the bridge and the client must not cache or buffer the stream.
             headers[.cacheControl] = "no-cache"
@@ -64,7 +75,7 @@ extension BridgeResponder {
                 body: ResponseBody { writer in
                     unstarted.start()
                     let outcome = await accounting.relay(
-                        upstream.body,
+                        stream,
                         hidingUsageChunk: hidesUsageChunk,
                         watching: client,
                         to: &writer
@@ -73,15 +84,6 @@ extension BridgeResponder {
                     if outcome.clientDisconnected { throw CancellationError() }
                 }
             )
-        }
-
-        let answer: ByteBuffer
-        do {
-            answer = try await upstream.body.collect(upTo: Self.maximumAnswerBytes)
-        } catch {
-            // Circuit answered, so the request counts; the client gets the transport failure.
-            await accounting.commit(usage: .zero, clientDisconnected: false)
-            throw CircuitClient.classify(error, logger: bridge.logger)
         }
         let usage = answer.withUnsafeReadableBytes { Usage.observe($0.assumingMemoryBound(to: UInt8.self))?.usage }
         await accounting.commit(usage: usage ?? .zero, clientDisconnected: false)
@@ -159,7 +161,7 @@ struct Accounting: Sendable {
     /// when the client goes away, also while Circuit is silent; turns a failure of Circuit mid-stream into a final
     /// SSE error event.
     func relay(
-        _ upstream: HTTPClientResponse.Body,
+        _ upstream: UpstreamBody,
         hidingUsageChunk: Bool,
         watching client: any Channel,
         to writer: inout any ResponseBodyWriter

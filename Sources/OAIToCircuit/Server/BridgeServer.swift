@@ -18,7 +18,7 @@ public enum BridgeServer {
         case https
     }
 
-    /// The client for Circuit and its token endpoint, sized for a proxy. `UPSTREAM_TIMEOUT_SECONDS` is its
+    /// The client for Circuit's token endpoint (chat requests have their own pool: `CircuitClient`). `UPSTREAM_TIMEOUT_SECONDS` is its
     /// read timeout: the longest silence allowed while waiting for a response head or between two chunks.
     public static func makeHTTPClient(_ configuration: BridgeConfiguration) -> HTTPClient {
         var client = HTTPClient.Configuration()
@@ -41,8 +41,9 @@ public enum BridgeServer {
         httpClient: HTTPClient,
         clock: BridgeClock = .system,
         metrics: BridgeMetrics? = nil,
+        circuitTLS: TLSConfiguration? = nil,
         logger: Logger
-    ) -> Bridge {
+    ) throws -> Bridge {
         let metrics = metrics ?? BridgeMetrics(models: configuration.models)
         let tokens = TokenProvider(
             credentials: configuration.credentials,
@@ -53,12 +54,13 @@ public enum BridgeServer {
             metrics: metrics,
             logger: logger
         )
-        let circuit = CircuitClient(
-            httpClient: httpClient,
+        let circuit = try CircuitClient(
             tokens: tokens,
             base: configuration.circuitBase,
             apiVersion: configuration.apiVersion,
-            timeout: configuration.upstreamTimeout
+            timeout: configuration.upstreamTimeout,
+            maximumConnections: configuration.upstreamMaxConnections,
+            tls: circuitTLS
         )
         return Bridge(
             configuration: configuration,
@@ -87,6 +89,7 @@ public enum BridgeServer {
         public func close() async {
             await writer.flush()
             try? await store.close()
+            await bridge.circuit.shutdown()
             await shipper?.client.shutdown()
         }
     }
@@ -98,6 +101,7 @@ public enum BridgeServer {
         policyPollInterval: Duration = .seconds(2),
         registry: (any KeyRegistry)? = nil,
         hecTuning: (inout HECShipper.Tuning) -> Void = { _ in },
+        circuitTLS: TLSConfiguration? = nil,
         logger: Logger
     ) async throws -> Assembly {
         let source = PolicySource(configuration)
@@ -211,11 +215,12 @@ public enum BridgeServer {
             clock: clock,
             logger: logger
         )
-        var bridge = makeBridge(
+        var bridge = try makeBridge(
             configuration: configuration,
             httpClient: httpClient,
             clock: clock,
             metrics: metrics,
+            circuitTLS: circuitTLS,
             logger: logger
         )
         bridge.authorizer = enforcer
