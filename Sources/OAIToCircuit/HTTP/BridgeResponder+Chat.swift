@@ -1,4 +1,3 @@
-import AsyncAlgorithms
 import HTTPTypes
 import Hummingbird
 import Logging
@@ -147,19 +146,9 @@ struct Accounting: Sendable {
         )
     }
 
-    /// How often a stream checks, while Circuit is silent, that its client is still connected.
-    static let clientCheckInterval: Duration = .milliseconds(500)
-
-    private enum StreamEvent: Sendable {
-        case chunk(ByteBuffer)
-        case end
-        case failed(any Error)
-        case clientGone
-    }
-
-    /// Passes Circuit's event stream to the client as it arrives. Stops reading Circuit (which cancels its request)
-    /// when the client goes away, also while Circuit is silent; turns a failure of Circuit mid-stream into a final
-    /// SSE error event.
+    /// Passes Circuit's event stream to the client as it arrives. Stops reading Circuit (which closes its
+    /// connection) when the client goes away, also while Circuit is silent; turns a failure of Circuit mid-stream
+    /// into a final SSE error event.
     func relay(
         _ upstream: UpstreamBody,
         hidingUsageChunk: Bool,
@@ -169,46 +158,32 @@ struct Accounting: Sendable {
         var filter = ServerSentEventFilter(hidesUsageChunk: hidingUsageChunk)
         var outcome = Outcome()
         var failure: BridgeError?
-        // Circuit is read in a child task, so that a client leaving can interrupt a wait for Circuit's next chunk.
-        let events = AsyncChannel<StreamEvent>()
-        await withTaskGroup(of: Void.self) { group in
-            group.addTask {
-                do {
-                    for try await chunk in upstream { await events.send(.chunk(chunk)) }
-                    await events.send(.end)
-                } catch {
-                    await events.send(.failed(error))
-                }
-            }
-            group.addTask {
-                let hangUp = try? await client.pipeline.handler(type: ClientHangUpHandler.self).get()
-                while !Task.isCancelled, client.isActive, hangUp?.hasHungUp != true {
-                    try? await Task.sleep(for: Self.clientCheckInterval)
-                }
-                if !Task.isCancelled { await events.send(.clientGone) }
-            }
-            receiving: for await event in events {
-                switch event {
-                case .chunk(let chunk):
-                    guard let out = filter.consume(chunk) else { continue }
-                    do {
-                        try await writer.write(out)
-                    } catch {
-                        outcome.clientDisconnected = true
-                        break receiving
-                    }
-                case .end:
-                    break receiving
-                case .failed(let error):
-                    failure = CircuitClient.classify(error, logger: bridge.logger)
-                    break receiving
-                case .clientGone:
+        // A client that leaves interrupts a wait for Circuit's next chunk: the wait ends with `.cancelled`.
+        let hangUp = await ClientHangUpHandler.of(client)
+        hangUp?.watch { upstream.cancel() }
+        defer { hangUp?.unwatch() }
+        var chunks = upstream.makeAsyncIterator()
+        while true {
+            let chunk: ByteBuffer?
+            do {
+                chunk = try await chunks.next()
+            } catch {
+                if hangUp?.hasHungUp == true || !client.isActive {
                     outcome.clientDisconnected = true
-                    break receiving
+                } else {
+                    failure = CircuitClient.classify(error, logger: bridge.logger)
                 }
+                break
             }
-            group.cancelAll()
-            events.finish()
+            guard let chunk else { break }
+            guard let out = filter.consume(chunk) else { continue }
+            do {
+                try await writer.write(out)
+            } catch {
+                outcome.clientDisconnected = true
+                upstream.cancel()
+                break
+            }
         }
         var tail: ByteBuffer?
         if !outcome.clientDisconnected {
