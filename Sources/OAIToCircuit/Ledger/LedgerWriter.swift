@@ -1,5 +1,6 @@
 import GRDB
 import Logging
+import NIOCore
 import ServiceLifecycle
 import Synchronization
 
@@ -42,13 +43,23 @@ public final class LedgerWriter: Sendable {
 
     private enum Turn: Sendable {
         case written
-        case lead([Item], followers: [CheckedContinuation<Turn, Never>])
+        case lead([Item], followers: [Waiter])
+    }
+
+    /// A request waiting for its record's transaction, and the event loop it waits on (it is resumed there).
+    private struct Waiter: Sendable {
+        var continuation: CheckedContinuation<Turn, Never>
+        var loop: (any EventLoop)?
+
+        func resume(_ turn: Turn) {
+            EventLoopAffinity.resume(on: loop) { continuation.resume(returning: turn) }
+        }
     }
 
     private struct State {
         var writing = false
         var pending: [Item] = []
-        var waiting: [CheckedContinuation<Turn, Never>] = []
+        var waiting: [Waiter] = []
         var unwritten: [Item] = []
         var lastPurge = -Double.infinity
         var health = Health()
@@ -117,11 +128,12 @@ public final class LedgerWriter: Sendable {
     }
 
     private func commit(_ item: Item) async {
+        let loop = EventLoopAffinity.current
         let turn = await withCheckedContinuation { (continuation: CheckedContinuation<Turn, Never>) in
             let leads = state.withLock { state in
                 if state.writing {
                     state.pending.append(item)
-                    state.waiting.append(continuation)
+                    state.waiting.append(Waiter(continuation: continuation, loop: loop))
                     return false
                 }
                 state.writing = true
@@ -135,11 +147,10 @@ public final class LedgerWriter: Sendable {
 
     /// Writes a batch as the writer, answers its followers, then hands the role to the first record that arrived
     /// meanwhile, with everything that waits.
-    private func lead(_ batch: [Item], followers: [CheckedContinuation<Turn, Never>]) async {
+    private func lead(_ batch: [Item], followers: [Waiter]) async {
         await write(batch)
-        for follower in followers { follower.resume(returning: .written) }
-        let next = state.withLock {
-            state -> (CheckedContinuation<Turn, Never>, [Item], [CheckedContinuation<Turn, Never>])? in
+        for follower in followers { follower.resume(.written) }
+        let next = state.withLock { state -> (Waiter, [Item], [Waiter])? in
             guard let first = state.waiting.first else {
                 state.writing = false
                 return nil
@@ -150,7 +161,7 @@ public final class LedgerWriter: Sendable {
             }
             return (first, state.pending, Array(state.waiting.dropFirst()))
         }
-        if let (leader, items, followers) = next { leader.resume(returning: .lead(items, followers: followers)) }
+        if let (leader, items, followers) = next { leader.resume(.lead(items, followers: followers)) }
     }
 
     /// Writes what an earlier failure left, then `batch`, in one transaction.

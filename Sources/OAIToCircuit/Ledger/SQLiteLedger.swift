@@ -269,13 +269,15 @@ public final class SQLiteLedger: LedgerStore {
     ) async throws -> Int {
         // Not cancellable on purpose: the batch holds other requests' records, and the task that happens to write it
         // may be cancelled (its client left). GRDB's async `write` would interrupt the transaction in that case.
+        let loop = EventLoopAffinity.current
         let purged = try await withCheckedThrowingContinuation { continuation in
             database.asyncWrite(
                 { db in
                     try self.queue(events, db)
                     return try Self.write(entries, purgingLogBefore: cutoff, purgeLimit: purgeLimit, db)
                 },
-                completion: { _, result in continuation.resume(with: result) }
+                // Back to the loop the writing request came from, which also answers its client.
+                completion: { _, result in EventLoopAffinity.resume(on: loop) { continuation.resume(with: result) } }
             )
         }
         checkpointIfDue()

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -55,34 +56,52 @@ public struct LineLogHandler: LogHandler {
     }
 
     public func log(event: LogEvent) {
-        var line =
-            journal
-            ? "<\(Self.priority(event.level))>\(event.message)" : "\(Self.timestamp()) \(event.level) \(event.message)"
-        var all = metadata
-        if let provided = metadataProvider?.get() { all.merge(provided) { $1 } }
-        if let extra = event.metadata { all.merge(extra) { $1 } }
-        for (key, value) in all.sorted(by: { $0.key < $1.key }) {
-            line += " \(key)=\(value)"
+        var line = journal ? "<\(Self.priority(event.level))>" : "\(Self.timestamp()) \(event.level) "
+        line += event.message.description
+        // Usually only the event's own metadata: no dictionary to merge then (this runs for every request).
+        let provided = metadataProvider?.get() ?? [:]
+        if metadata.isEmpty, provided.isEmpty, let own = event.metadata {
+            append(own, to: &line)
+        } else {
+            var all = metadata
+            all.merge(provided) { $1 }
+            if let own = event.metadata { all.merge(own) { $1 } }
+            append(all, to: &line)
         }
         // A value with a line break must not forge a second log line.
-        if line.contains(where: \.isNewline) {
+        if line.utf8.contains(where: { $0 == 0x0A || $0 == 0x0D }) {
             line = line.replacingOccurrences(of: "\r", with: "\\r").replacingOccurrences(of: "\n", with: "\\n")
         }
         line += "\n"
         // One write(2) per line, so lines from concurrent requests never interleave.
-        var bytes = Array(line.utf8)
-        bytes.withUnsafeMutableBytes { _ = write(output, $0.baseAddress, $0.count) }
+        line.withUTF8 { _ = write(output, $0.baseAddress, $0.count) }
+    }
+
+    private func append(_ metadata: Logger.Metadata, to line: inout String) {
+        for (key, value) in metadata.sorted(by: { $0.key < $1.key }) {
+            line += " "
+            line += key
+            line += "="
+            line += value.description
+        }
     }
 
     /// Where lines go (standard error; a test gives a pipe).
     var output: Int32 = STDERR_FILENO
 
+    /// The UTC time to the second, formatted once per second (every log line needs it).
     private static func timestamp() -> String {
-        var now = time(nil)
+        let now = time(nil)
+        if let cached = lastTimestamp.withLock({ $0.second == now ? $0.text : nil }) { return cached }
+        var seconds = now
         var parts = tm()
-        gmtime_r(&now, &parts)
+        gmtime_r(&seconds, &parts)
         var buffer = [CChar](repeating: 0, count: 32)
         let count = strftime(&buffer, buffer.count, "%Y-%m-%dT%H:%M:%SZ", &parts)
-        return String(decoding: buffer.prefix(count).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        let text = String(decoding: buffer.prefix(count).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        lastTimestamp.withLock { $0 = (now, text) }
+        return text
     }
+
+    private static let lastTimestamp = Mutex<(second: time_t, text: String)>((-1, ""))
 }
