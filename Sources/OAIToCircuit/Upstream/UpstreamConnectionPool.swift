@@ -2,6 +2,7 @@ import NIOCore
 import NIOHTTP1
 import NIOPosix
 import NIOSSL
+import NIOTLS
 
 /// Keep-alive HTTP/1.1 connections to Circuit, kept per event loop.
 ///
@@ -216,7 +217,7 @@ private final class LoopPool: @unchecked Sendable {
 
     private func connect(for call: UpstreamCall) {
         open += 1
-        let connection = UpstreamConnection(pool: self, readTimeout: settings.readTimeout)
+        let connection = UpstreamConnection(pool: self, readTimeout: settings.readTimeout, usesTLS: tls != nil)
         let endpoint = endpoint
         let tls = tls
         ClientBootstrap(group: loop)
@@ -339,11 +340,14 @@ private final class UpstreamConnection: ChannelDuplexHandler, @unchecked Sendabl
     private var heldRead = false
     private var lastActivity = NIODeadline.now()
     private var timer: Scheduled<Void>?
+    /// Until TLS is up, a failure means the connection could not be made.
+    private var isEstablished: Bool
     var idleSince = NIODeadline.now()
 
-    init(pool: LoopPool, readTimeout: TimeAmount) {
+    init(pool: LoopPool, readTimeout: TimeAmount, usesTLS: Bool) {
         self.pool = pool
         self.readTimeout = readTimeout
+        self.isEstablished = !usesTLS
     }
 
     func isUsable(now: NIODeadline, idleTimeout: TimeAmount) -> Bool {
@@ -406,13 +410,14 @@ private final class UpstreamConnection: ChannelDuplexHandler, @unchecked Sendabl
         }
     }
 
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case TLSUserEvent.handshakeCompleted = event { isEstablished = true }
+        context.fireUserInboundEventTriggered(event)
+    }
+
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         let reason = LoopPool.describe(error)
-        if case .awaitingHead = phase, error is NIOSSLError {
-            fail(.connectFailed("TLS: \(reason)"))
-        } else {
-            fail(.connectionClosed(reason))
-        }
+        fail(isEstablished ? .connectionClosed(reason) : .connectFailed("TLS: \(reason)"))
     }
 
     func channelInactive(context: ChannelHandlerContext) {
