@@ -59,6 +59,22 @@ import Testing
         }
     }
 
+    @Test func generatedRequestIDsAreVersion4UUIDsAndNeverRepeat() {
+        let ids = (0..<200_000).map { _ in RequestID.next() }
+        #expect(Set(ids).count == ids.count)
+        for id in ids.prefix(1_000) {
+            let uuid = try? #require(UUID(uuidString: id))
+            #expect(uuid?.uuidString.lowercased() == id)
+            let characters = Array(id)
+            #expect(characters[14] == "4" && "89ab".contains(characters[19]), "\(id)")
+        }
+        // Every hexadecimal digit position varies (no fixed prefix a counter would leave).
+        let positions = Array(0..<36).filter { ![8, 13, 14, 18, 19, 23].contains($0) }
+        for position in positions {
+            #expect(Set(ids.prefix(1_000).map { Array($0)[position] }).count > 4, "position \(position)")
+        }
+    }
+
     @Test func circuitErrorsArePassedThroughAndCounted() async throws {
         try await Harness.with { harness async throws in
             let answer = try await harness.chat(

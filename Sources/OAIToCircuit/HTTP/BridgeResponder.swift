@@ -245,7 +245,7 @@ struct Exchange: Sendable {
         if let header, (1...200).contains(header.utf8.count), header.utf8.allSatisfy({ (0x21...0x7E).contains($0) }) {
             return header
         }
-        return UUID().uuidString.lowercased()
+        return RequestID.next()
     }
 }
 
