@@ -47,6 +47,30 @@ public struct UsageRecord: Sendable {
 
     public var caller: Caller { admission.caller }
     public var model: String { admission.model }
+
+    public init(
+        requestID: String,
+        finishedAt: Double,
+        admission: Admission,
+        statusCode: Int,
+        usage: Usage,
+        isStreaming: Bool,
+        latency: Duration,
+        clientDisconnected: Bool,
+        clientAddress: String,
+        forwardedFor: String
+    ) {
+        self.requestID = requestID
+        self.finishedAt = finishedAt
+        self.admission = admission
+        self.statusCode = statusCode
+        self.usage = usage
+        self.isStreaming = isStreaming
+        self.latency = latency
+        self.clientDisconnected = clientDisconnected
+        self.clientAddress = clientAddress
+        self.forwardedFor = forwardedFor
+    }
 }
 
 /// An answer the bridge gave itself instead of Circuit's (401, 403, 429, 502, 504).
