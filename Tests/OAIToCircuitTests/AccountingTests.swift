@@ -96,11 +96,31 @@ import Testing
                 isStreaming: true,
                 status: .ok
             )
+            // A stream Circuit has begun and holds open (the gate stays shut).
+            let chat = try ChatRequest.parse(
+                ByteBuffer(string: Harness.chatBody(model: "gated-stream", stream: true)),
+                appKey: harness.bridge.configuration.appKey
+            )
+            let answer = try await harness.bridge.circuit.send(
+                model: chat.model,
+                body: chat.upstreamBody,
+                collectLimit: 1 << 20,
+                logger: harness.bridge.logger
+            )
+            guard case .stream(let upstream) = answer.body else {
+                Issue.record("Circuit's answer is not a stream")
+                return
+            }
             // What Hummingbird does when writing the head fails: the body, and so this guard, is dropped unrun.
-            _ = UnstartedStream(accounting: accounting, finish: {})
+            _ = UnstartedStream(accounting: accounting, upstream: upstream, finish: {})
             await harness.recorder.usage.wait { !$0.isEmpty }
             let record = try #require(await harness.recorder.usage.entries.first)
             #expect(record.clientDisconnected && record.isStreaming && record.clientAddress == "192.0.2.7")
+            // Nobody reads the rest of Circuit's answer, so its connection is given up rather than left paused.
+            await #expect(throws: UpstreamError.cancelled) {
+                for try await _ in upstream {}
+            }
+            await harness.circuit.openGate()  // the fake's handler still waits there
         }
     }
 

@@ -65,7 +65,7 @@ extension BridgeResponder {
             ending.logsWhenStreamEnds = false
             let responder = self
             let finish: @Sendable () -> Void = { [ending] in responder.finish(ending, status: Int(status.code)) }
-            let unstarted = UnstartedStream(accounting: accounting, finish: finish)
+            let unstarted = UnstartedStream(accounting: accounting, upstream: stream, finish: finish)
             let hidesUsageChunk = !chat.clientWantsUsage
             let client = context.channel
             return Response(
@@ -228,10 +228,12 @@ struct Accounting: Sendable {
 final class UnstartedStream: Sendable {
     private let started = Atomic<Bool>(false)
     private let accounting: Accounting
+    private let upstream: UpstreamBody
     private let finish: @Sendable () -> Void
 
-    init(accounting: Accounting, finish: @escaping @Sendable () -> Void) {
+    init(accounting: Accounting, upstream: UpstreamBody, finish: @escaping @Sendable () -> Void) {
         self.accounting = accounting
+        self.upstream = upstream
         self.finish = finish
     }
 
@@ -239,6 +241,8 @@ final class UnstartedStream: Sendable {
 
     deinit {
         guard !started.load(ordering: .relaxed) else { return }
+        // Nobody will read the rest of Circuit's answer: its connection goes rather than wait, paused, for ever.
+        upstream.cancel()
         let accounting = self.accounting
         let finish = self.finish
         // A deinit cannot await; this task is the only way left to record the request.

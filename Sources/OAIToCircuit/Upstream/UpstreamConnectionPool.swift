@@ -140,6 +140,8 @@ private final class UpstreamCall: @unchecked Sendable {
     var connection: UpstreamConnection?
     var waitTimer: Scheduled<Void>?
     var isDone = false
+    /// Sent again once already, after a reused connection closed under it.
+    var isRetry = false
 
     init(request: UpstreamRequest, collectLimit: Int, promise: EventLoopPromise<UpstreamResponse>) {
         self.request = request
@@ -310,6 +312,7 @@ private final class LoopPool: @unchecked Sendable {
     static func describe(_ error: any Error) -> String {
         if let error = error as? ChannelError, case .connectTimeout = error { return "connect timeout" }
         if let error = error as? IOError { return error.description }
+        if error is NIOSSLError || error is NIOSSLExtraError { return String(describing: error) }
         if let error = error as? NIOConnectionError {
             return error.connectionErrors.first.map { "\($0.error)" } ?? "\(error.dnsAAAAError ?? error.dnsAError ?? error)"
         }
@@ -342,6 +345,8 @@ private final class UpstreamConnection: ChannelDuplexHandler, @unchecked Sendabl
     private var timer: Scheduled<Void>?
     /// Until TLS is up, a failure means the connection could not be made.
     private var isEstablished: Bool
+    /// Exchanges this connection finished: a reused connection may have been closed by Circuit while idle.
+    private var finished = 0
     var idleSince = NIODeadline.now()
 
     init(pool: LoopPool, readTimeout: TimeAmount, usesTLS: Bool) {
@@ -461,6 +466,7 @@ private final class UpstreamConnection: ChannelDuplexHandler, @unchecked Sendabl
     /// cancelling and scheduling one per request).
     private func finishExchange() {
         phase = .idle
+        finished += 1
         if keepAlive, !isClosed { pool.release(self) } else { close() }
     }
 
@@ -470,12 +476,25 @@ private final class UpstreamConnection: ChannelDuplexHandler, @unchecked Sendabl
         phase = .idle
         switch current {
         case .idle: break
+        case .awaitingHead(let call) where finished > 0 && !call.isRetry && Self.isClosedUnderUs(error):
+            // Circuit closed this kept-alive connection (its idle timeout) as the request went out, before any
+            // byte of an answer: the request goes once more, on another connection, as HTTP clients do.
+            call.isRetry = true
+            call.connection = nil
+            close()
+            pool.start(call)
+            return
         case .awaitingHead(let call): call.fail(error)
         case .collecting(let call, let head, _):
             call.succeed(UpstreamResponse(status: head.status, headers: head.headers, body: .broken(error)))
         case .streaming(let stream): stream.fail(error)
         }
         close()
+    }
+
+    private static func isClosedUnderUs(_ error: UpstreamError) -> Bool {
+        if case .connectionClosed = error { return true }
+        return false
     }
 
     private func touch() {
