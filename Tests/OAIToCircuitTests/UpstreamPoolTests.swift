@@ -217,6 +217,27 @@ import X509
         #expect(server.log.requests.last?.connection == server.log.accepted)
     }
 
+    @Test func requestLostLongAfterItWasSentIsNotSentAgain() async throws {
+        let server = try await ScriptedUpstream.start { request, reply in
+            if request.number == 1 {
+                await reply.json("fine")
+            } else {
+                // Circuit took the request and worked on it before the connection went: it may have acted on it.
+                try? await Task.sleep(for: .milliseconds(600))
+                await reply.close()
+            }
+        }
+        try await withPool(server, limit: 1) { pool in
+            let first = try await pool.execute(upstreamRequest(), collectLimit: 1024)
+            #expect(first.body.text == "fine")
+            let error = await #expect(throws: UpstreamError.self) {
+                try await pool.execute(upstreamRequest(), collectLimit: 1024)
+            }
+            #expect(error?.isConnectionClosed == true, "\(String(describing: error))")
+        }
+        #expect(server.log.requests.count == 2)
+    }
+
     @Test func connectionCloseAnswerIsNotReused() async throws {
         let server = try await ScriptedUpstream.start { request, reply in
             // The server announces the close but leaves the socket open: only the pool can close it.

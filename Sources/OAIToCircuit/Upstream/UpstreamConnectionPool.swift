@@ -219,9 +219,9 @@ private final class LoopPool: @unchecked Sendable {
 
     private func connect(for call: UpstreamCall) {
         open += 1
-        let connection = UpstreamConnection(pool: self, readTimeout: settings.readTimeout, usesTLS: tls != nil)
         let endpoint = endpoint
         let tls = tls
+        let readTimeout = settings.readTimeout
         ClientBootstrap(group: loop)
             .connectTimeout(settings.connectTimeout)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
@@ -234,7 +234,11 @@ private final class LoopPool: @unchecked Sendable {
                         )
                     }
                     try channel.pipeline.syncOperations.addHTTPClientHandlers(leftOverBytesStrategy: .dropBytes)
-                    try channel.pipeline.syncOperations.addHandler(connection)
+                    // One handler per channel: connecting by name may try several addresses, each on a channel of
+                    // its own, and only the one that wins is used.
+                    try channel.pipeline.syncOperations.addHandler(
+                        UpstreamConnection(pool: self, readTimeout: readTimeout, usesTLS: tls != nil)
+                    )
                     return channel.eventLoop.makeSucceededVoidFuture()
                 } catch {
                     return channel.eventLoop.makeFailedFuture(error)
@@ -244,6 +248,13 @@ private final class LoopPool: @unchecked Sendable {
             .whenComplete { [self] result in
                 switch result {
                 case .success(let channel):
+                    guard let connection = try? channel.pipeline.syncOperations.handler(type: UpstreamConnection.self)
+                    else {
+                        open -= 1
+                        call.fail(.connectFailed("no connection handler"))
+                        channel.close(promise: nil)
+                        return
+                    }
                     channel.closeFuture.whenComplete { _ in self.closed(connection) }
                     if isShutDown {
                         call.fail(.shutDown)
@@ -347,6 +358,8 @@ private final class UpstreamConnection: ChannelDuplexHandler, @unchecked Sendabl
     private var isEstablished: Bool
     /// Exchanges this connection finished: a reused connection may have been closed by Circuit while idle.
     private var finished = 0
+    /// When the request under way was sent.
+    private var sentAt = NIODeadline.now()
     var idleSince = NIODeadline.now()
 
     init(pool: LoopPool, readTimeout: TimeAmount, usesTLS: Bool) {
@@ -372,7 +385,9 @@ private final class UpstreamConnection: ChannelDuplexHandler, @unchecked Sendabl
         call.connection = self
         phase = .awaitingHead(call)
         keepAlive = true
+        heldRead = false
         touch()
+        sentAt = lastActivity
         if timer == nil { schedule(at: lastActivity + readTimeout) }
         context.write(wrapOutboundOut(.head(call.request.head)), promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(call.request.body))), promise: nil)
@@ -421,13 +436,16 @@ private final class UpstreamConnection: ChannelDuplexHandler, @unchecked Sendabl
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        // A TLS peer that just closes (no close_notify) is a close: the decoder and `channelInactive` judge it.
+        if isEstablished, let error = error as? NIOSSLError, case .uncleanShutdown = error { return }
         let reason = LoopPool.describe(error)
-        fail(isEstablished ? .connectionClosed(reason) : .connectFailed("TLS: \(reason)"))
+        guard isEstablished else { return fail(.connectFailed("TLS: \(reason)")) }
+        fail(.connectionClosed(reason), mayRetry: Self.isReset(error))
     }
 
     func channelInactive(context: ChannelHandlerContext) {
         isClosed = true
-        fail(.connectionClosed("closed by Circuit"))
+        fail(.connectionClosed("closed by Circuit"), mayRetry: true)
         context.fireChannelInactive()
     }
 
@@ -467,18 +485,28 @@ private final class UpstreamConnection: ChannelDuplexHandler, @unchecked Sendabl
     private func finishExchange() {
         phase = .idle
         finished += 1
-        if keepAlive, !isClosed { pool.release(self) } else { close() }
+        heldRead = false
+        // An answer that ended with the connection (no length) leaves it closing before `channelInactive` says so.
+        if keepAlive, !isClosed, context?.channel.isActive == true { pool.release(self) } else { close() }
     }
 
+    /// How soon after sending a close may be Circuit's idle timeout crossing the request rather than an answer to
+    /// it: about a round trip.
+    static let retryWindow = TimeAmount.milliseconds(250)
+
     /// Ends the exchange under way with `error` and closes the connection.
-    private func fail(_ error: UpstreamError) {
+    ///
+    /// `mayRetry`: the connection closed or was reset (not a malformed answer). A request is sent again only when
+    /// the connection was a reused one, nothing of an answer came, and the close followed the sending at once:
+    /// Circuit's keep-alive timeout crossing the request. A close later than that may come after Circuit started
+    /// work on it, and a chat request is never sent twice for that.
+    private func fail(_ error: UpstreamError, mayRetry: Bool = false) {
         let current = phase
         phase = .idle
         switch current {
         case .idle: break
-        case .awaitingHead(let call) where finished > 0 && !call.isRetry && Self.isClosedUnderUs(error):
-            // Circuit closed this kept-alive connection (its idle timeout) as the request went out, before any
-            // byte of an answer: the request goes once more, on another connection, as HTTP clients do.
+        case .awaitingHead(let call)
+        where mayRetry && finished > 0 && !call.isRetry && NIODeadline.now() - sentAt < Self.retryWindow:
             call.isRetry = true
             call.connection = nil
             close()
@@ -492,9 +520,10 @@ private final class UpstreamConnection: ChannelDuplexHandler, @unchecked Sendabl
         close()
     }
 
-    private static func isClosedUnderUs(_ error: UpstreamError) -> Bool {
-        if case .connectionClosed = error { return true }
-        return false
+    /// A reset or broken pipe: the peer closed the connection (not a protocol or TLS failure).
+    private static func isReset(_ error: any Error) -> Bool {
+        guard let error = error as? IOError else { return false }
+        return [ECONNRESET, EPIPE].contains(error.errnoCode)
     }
 
     private func touch() {
@@ -508,7 +537,7 @@ private final class UpstreamConnection: ChannelDuplexHandler, @unchecked Sendabl
             timer = nil
             if case .idle = phase { return }
             // Waiting for a slow client is not Circuit's silence.
-            if heldRead { touch() }
+            if heldRead, case .streaming = phase { touch() }
             let due = lastActivity + readTimeout
             if due > .now() { schedule(at: due) } else { fail(.timedOut) }
         }
