@@ -49,7 +49,7 @@ public final class BridgeMetrics: Sendable {
         timer("oai_to_circuit_request_duration_seconds", InstrumentKey("route", route)).record(duration: duration)
     }
 
-    /// Time from sending a request to Circuit to receiving its response head.
+    /// Time from sending a request to Circuit to having its answer: whole, or a stream's head.
     func upstreamResponded(model: String, after duration: Duration) {
         timer("oai_to_circuit_upstream_duration_seconds", InstrumentKey("model", modelLabel(model))).record(duration: duration)
     }
