@@ -7,7 +7,7 @@ import NIOTLS
 /// Keep-alive HTTP/1.1 connections to Circuit, kept per event loop.
 ///
 /// A request takes a connection of the event loop its task runs on. With NIO's loops as Swift concurrency's
-/// executor (the `serve` command installs them), the client's connection, the task and Circuit's connection are
+/// executor (the executable installs them at start), the client's connection, the task and Circuit's connection are
 /// then on one thread, and a chat exchange crosses no thread at all. Each loop's share of the pool is touched only
 /// on that loop, so it needs no lock. A loop holds at most its share of `UPSTREAM_MAX_CONNECTIONS`; requests beyond
 /// that wait, in order, for a connection to come free (or for Circuit's read timeout).
