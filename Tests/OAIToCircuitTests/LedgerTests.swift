@@ -225,6 +225,66 @@ import Testing
         try await store.close()
     }
 
+    /// The commit binds values through SQLite's C interface: every kind of value must land as GRDB would have
+    /// stored it, and a statement failing half-way must leave nothing of its transaction behind.
+    @Test func valuesLandExactlyAndAFailedTransactionLeavesNothing() async throws {
+        let directory = try Harness.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("quota.db").path
+        let store = try SQLiteLedger.open(path: path)
+        var entry = Self.entry(model: "modèle-🚀")
+        entry.ledgerKey = "clé-après"
+        entry.friendlyName = "Zoë O'Brien"
+        entry.email = nil
+        entry.forwardedFor = ""
+        entry.usage = Usage(promptTokens: Int.max, completionTokens: 0)
+        let body: [UInt8] = [0, 255, 34, 10]
+        let events = [OutboxEvent(kind: .error, time: 1.5, body: body), OutboxEvent(kind: .usage, time: 2, body: [])]
+        _ = try await store.commit([entry, entry], events: events, purgingLogBefore: nil, purgeLimit: 0)
+
+        let usage = try #require(try TestDatabase.rows(path, "SELECT *, typeof(requests) AS type FROM usage").first)
+        #expect(usage["subkey"] as String == "clé-après" && usage["model"] as String == "modèle-🚀")
+        #expect(usage["requests"] as Int64 == 2 && usage["type"] as String == "integer")
+        // Two requests of Int.max prompt tokens: the sum saturates instead of turning into a REAL.
+        #expect(usage["prompt_tokens"] as Int64 == Int64.max)
+        #expect(try TestDatabase.count(path, "SELECT count(*) FROM usage_period WHERE requests = 2") == 2)
+        let logged = try TestDatabase.rows(
+            path,
+            """
+            SELECT friendly_name, email, x_forwarded_for, typeof(x_forwarded_for) AS xff, typeof(finished_at) AS time,
+              is_streaming, typeof(latency_ms) AS latency FROM request_log
+            """
+        )
+        #expect(logged.count == 2)
+        for row in logged {
+            #expect(row["friendly_name"] as String == "Zoë O'Brien" && row["email"] as String? == nil)
+            #expect(row["x_forwarded_for"] as String == "" && row["xff"] as String == "text")
+            #expect(row["time"] as String == "real" && row["latency"] as String == "real" && row["is_streaming"] as Int == 0)
+        }
+        let outbox = try TestDatabase.rows(
+            path,
+            "SELECT id, kind, time, event, typeof(event) AS type FROM splunk_outbox ORDER BY id"
+        )
+        #expect(outbox.map { $0["kind"] as String } == ["error", "usage"])
+        #expect(outbox.map { $0["type"] as String } == ["blob", "blob"])
+        #expect((outbox[0]["event"] as Data) == Data(body) && (outbox[1]["event"] as Data).isEmpty)
+        #expect(outbox[0]["time"] as Double == 1.5 && outbox[1]["id"] as Int64 == (outbox[0]["id"] as Int64) + 1)
+
+        // The request log's insert fails after the usage upserts and the outbox insert ran: all of it is undone.
+        try TestDatabase.execute(path, "ALTER TABLE request_log RENAME TO request_log_away")
+        await #expect(throws: DatabaseError.self) {
+            _ = try await store.commit([entry], events: events, purgingLogBefore: nil, purgeLimit: 0)
+        }
+        #expect(try TestDatabase.usage(path, subkey: "clé-après", model: "modèle-🚀")?.requests == 2)
+        #expect(try TestDatabase.count(path, "SELECT count(*) FROM splunk_outbox") == 2)
+        #expect(try TestDatabase.count(path, "SELECT count(*) FROM usage_period WHERE requests = 2") == 2)
+        // And the connection is usable again once the table is back.
+        try TestDatabase.execute(path, "ALTER TABLE request_log_away RENAME TO request_log")
+        _ = try await store.commit([entry], events: [], purgingLogBefore: nil, purgeLimit: 0)
+        #expect(try TestDatabase.usage(path, subkey: "clé-après", model: "modèle-🚀")?.requests == 3)
+        try await store.close()
+    }
+
     /// Under commits back to back (a busy bridge), a checkpoint beside the writer never lets the WAL start again;
     /// the bound does. Run once without it, to show the test can tell.
     @Test(arguments: [false, true]) func theWALStaysBoundedUnderUnbrokenLoad(bounded: Bool) async throws {

@@ -271,14 +271,17 @@ public final class SQLiteLedger: LedgerStore {
         // may be cancelled (its client left). GRDB's async `write` would interrupt the transaction in that case.
         let loop = EventLoopAffinity.current
         let purged = try await withCheckedThrowingContinuation { continuation in
-            database.asyncWrite(
-                { db in
-                    try self.queue(events, db)
-                    return try Self.write(entries, purgingLogBefore: cutoff, purgeLimit: purgeLimit, db)
-                },
+            database.asyncWriteWithoutTransaction { db in
+                let result = Result {
+                    let transaction = try LedgerTransaction(db)
+                    return try transaction.run {
+                        try self.queue(events, transaction)
+                        return try Self.write(entries, purgingLogBefore: cutoff, purgeLimit: purgeLimit, transaction, db)
+                    }
+                }
                 // Back to the loop the writing request came from, which also answers its client.
-                completion: { _, result in EventLoopAffinity.resume(on: loop) { continuation.resume(with: result) } }
-            )
+                EventLoopAffinity.resume(on: loop) { continuation.resume(with: result) }
+            }
         }
         checkpointIfDue()
         return purged
@@ -312,15 +315,19 @@ public final class SQLiteLedger: LedgerStore {
 
     /// Runs on the writer's queue, one transaction after another, so ids grow in commit order (a failed
     /// transaction leaves a gap, which is harmless).
-    private func queue(_ events: [OutboxEvent], _ db: Database) throws {
+    private func queue(_ events: [OutboxEvent], _ transaction: LedgerTransaction) throws {
         guard !events.isEmpty else { return }
         let first = nextOutboxID.withLock { next in
             defer { next += Int64(events.count) }
             return next
         }
-        let insert = try db.cachedStatement(sql: "INSERT INTO splunk_outbox (id, kind, time, event) VALUES (?, ?, ?, ?)")
         for (offset, event) in events.enumerated() {
-            try insert.execute(arguments: [first + Int64(offset), event.kind.rawValue, event.time, Data(event.body)])
+            try transaction.execute("INSERT INTO splunk_outbox (id, kind, time, event) VALUES (?, ?, ?, ?)") { values in
+                values.bind(first + Int64(offset))
+                values.bind(event.kind.rawValue)
+                values.bind(event.time)
+                values.bind(event.body)
+            }
         }
     }
 
@@ -336,10 +343,28 @@ public final class SQLiteLedger: LedgerStore {
           total_tokens = min(total_tokens + excluded.total_tokens, \(Int64.max))
         """
 
+    static let lifetimeUpsert = """
+        INSERT INTO usage (subkey, model, requests, prompt_tokens, completion_tokens, total_tokens)
+        VALUES (?, ?, ?, ?, ?, ?)
+        ON CONFLICT (subkey, model) DO UPDATE SET \(addition)
+        """
+    static let periodUpsert = """
+        INSERT INTO usage_period (key_id, model, period, period_start, requests, prompt_tokens,
+          completion_tokens, total_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+        ON CONFLICT (period, period_start, key_id, model) DO UPDATE SET \(addition)
+        """
+    static let logInsert = """
+        INSERT INTO request_log (finished_at, request_id, key_id, subkey_hash, friendly_name, email, model,
+          status_code, prompt_tokens, completion_tokens, total_tokens, is_streaming, latency_ms,
+          client_disconnected, client_ip, x_forwarded_for)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+        """
+
     private static func write(
         _ entries: [LedgerEntry],
         purgingLogBefore cutoff: Double?,
         purgeLimit: Int,
+        _ transaction: LedgerTransaction,
         _ db: Database
     ) throws -> Int {
         // Requests of one key and model in one batch share one upsert per row.
@@ -364,46 +389,41 @@ public final class SQLiteLedger: LedgerStore {
             periods[PeriodKey(keyID: entry.keyID, model: entry.model, period: "monthly", start: entry.month), default: Tally()]
                 .add(tally)
         }
-        let usage = try db.cachedStatement(
-            sql: """
-                INSERT INTO usage (subkey, model, requests, prompt_tokens, completion_tokens, total_tokens)
-                VALUES (?, ?, ?, ?, ?, ?)
-                ON CONFLICT (subkey, model) DO UPDATE SET \(Self.addition)
-                """
-        )
         for (key, tally) in lifetime {
-            try usage.execute(arguments: [
-                key.ledgerKey, key.model, tally.requests, tally.promptTokens, tally.completionTokens, tally.totalTokens,
-            ])
+            try transaction.execute(Self.lifetimeUpsert) { values in
+                values.bind(key.ledgerKey)
+                values.bind(key.model)
+                tally.bind(to: &values)
+            }
         }
-        let period = try db.cachedStatement(
-            sql: """
-                INSERT INTO usage_period (key_id, model, period, period_start, requests, prompt_tokens,
-                  completion_tokens, total_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-                ON CONFLICT (period, period_start, key_id, model) DO UPDATE SET \(Self.addition)
-                """
-        )
         for (key, tally) in periods {
-            try period.execute(arguments: [
-                key.keyID, key.model, key.period, key.start, tally.requests, tally.promptTokens,
-                tally.completionTokens, tally.totalTokens,
-            ])
+            try transaction.execute(Self.periodUpsert) { values in
+                values.bind(key.keyID)
+                values.bind(key.model)
+                values.bind(key.period)
+                values.bind(key.start)
+                tally.bind(to: &values)
+            }
         }
-        let log = try db.cachedStatement(
-            sql: """
-                INSERT INTO request_log (finished_at, request_id, key_id, subkey_hash, friendly_name, email, model,
-                  status_code, prompt_tokens, completion_tokens, total_tokens, is_streaming, latency_ms,
-                  client_disconnected, client_ip, x_forwarded_for)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                """
-        )
         for entry in entries {
-            try log.execute(arguments: [
-                entry.finishedAt, entry.requestID, entry.keyID, entry.subkeyHash, entry.friendlyName, entry.email,
-                entry.model, entry.statusCode, entry.usage.promptTokens, entry.usage.completionTokens,
-                entry.usage.totalTokens, entry.isStreaming, entry.latencySeconds * 1000, entry.clientDisconnected,
-                entry.clientAddress, entry.forwardedFor,
-            ])
+            try transaction.execute(Self.logInsert) { values in
+                values.bind(entry.finishedAt)
+                values.bind(entry.requestID)
+                values.bind(entry.keyID)
+                values.bind(entry.subkeyHash)
+                values.bind(entry.friendlyName)
+                values.bind(entry.email)
+                values.bind(entry.model)
+                values.bind(entry.statusCode)
+                values.bind(entry.usage.promptTokens)
+                values.bind(entry.usage.completionTokens)
+                values.bind(entry.usage.totalTokens)
+                values.bind(entry.isStreaming)
+                values.bind(entry.latencySeconds * 1000)
+                values.bind(entry.clientDisconnected)
+                values.bind(entry.clientAddress)
+                values.bind(entry.forwardedFor)
+            }
         }
         guard let cutoff else { return 0 }
         try db.execute(
@@ -624,5 +644,15 @@ extension LedgerEntry {
         clientDisconnected = row["client_disconnected"]
         clientAddress = row["client_ip"]
         forwardedFor = row["x_forwarded_for"]
+    }
+}
+
+extension Tally {
+    /// The four counters, in the order the upserts list them.
+    fileprivate func bind(to values: inout LedgerTransaction.Bindings) {
+        values.bind(requests)
+        values.bind(promptTokens)
+        values.bind(completionTokens)
+        values.bind(totalTokens)
     }
 }
