@@ -3,8 +3,8 @@ import GRDBSQLite
 
 /// The ledger's per-request transaction through SQLite's C interface, on GRDB's own connection and queue.
 ///
-/// At concurrency 1 every answer waits for one of these. Through GRDB's statement API the transaction took about
-/// twice SQLite's own time: argument arrays of existentials, per-statement hooks and a deferred transaction. Here
+/// At concurrency 1 every answer waits for one of these. Through GRDB's statement API the transaction cost about
+/// 60 µs more (argument arrays of existentials, per-statement hooks, a deferred transaction upgraded late). Here
 /// the statements are still GRDB's cached ones (GRDB finalizes them), but values are bound and stepped directly,
 /// and the transaction begins `IMMEDIATE`, so it takes the write lock once, up front.
 struct LedgerTransaction {
