@@ -114,6 +114,29 @@ import X509
         #expect(server.log.requests.last?.connection == 2)
     }
 
+    /// Time in the queue counts against the wait for the head: `UPSTREAM_TIMEOUT_SECONDS` bounds how long a client
+    /// waits for Circuit's answer to begin, not the queue and then the same again for Circuit.
+    @Test func timeWaitingForAConnectionCountsAgainstTheHeadTimeout() async throws {
+        let server = try await ScriptedUpstream.start { request, reply in
+            // Each answer takes 400 ms: well within the 600 ms read timeout on its own.
+            try? await Task.sleep(for: .milliseconds(400))
+            await reply.json(request.uri)
+        }
+        try await withPool(server, limit: 1, readTimeout: .milliseconds(600)) { pool in
+            async let first = pool.execute(upstreamRequest("/first"), collectLimit: 1024)
+            await server.until { $0.requests.count >= 1 }
+            // Queued behind the first for about 400 ms, then 400 ms more for its own answer: past 600 ms in all.
+            let error = await #expect(throws: UpstreamError.self) {
+                try await pool.execute(upstreamRequest("/second"), collectLimit: 1024)
+            }
+            #expect(error == .timedOut)
+            let answer = try await first
+            #expect(answer.body.text == "/first")
+        }
+        // It was sent (the connection came free in time) and then timed out waiting for the head.
+        #expect(server.log.requests.map(\.uri) == ["/first", "/second"])
+    }
+
     @Test func waitingRequestGetsANewConnectionWhenTheBusyOneCloses() async throws {
         let gate = ScriptedGate()
         let server = try await ScriptedUpstream.start { request, reply in

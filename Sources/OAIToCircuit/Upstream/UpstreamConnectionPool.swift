@@ -59,7 +59,12 @@ final class UpstreamConnectionPool: Sendable {
         let pool =
             MultiThreadedEventLoopGroup.currentEventLoop.flatMap { loops[ObjectIdentifier($0)] }
             ?? loops[ObjectIdentifier(group.any())]!
-        let call = UpstreamCall(request: request, collectLimit: collectLimit, promise: pool.loop.makePromise())
+        let call = UpstreamCall(
+            request: request,
+            collectLimit: collectLimit,
+            headDeadline: .now() + pool.readTimeout,
+            promise: pool.loop.makePromise()
+        )
         if pool.loop.inEventLoop {
             pool.start(call)
         } else {
@@ -135,6 +140,9 @@ enum UpstreamError: Error, Equatable, CustomStringConvertible {
 private final class UpstreamCall: @unchecked Sendable {
     let request: UpstreamRequest
     let collectLimit: Int
+    /// When the wait for Circuit's answer head ends, counted from the request's start: waiting in the queue,
+    /// connecting and Circuit's silence share one `UPSTREAM_TIMEOUT_SECONDS`, as the operator reads the setting.
+    let headDeadline: NIODeadline
     let promise: EventLoopPromise<UpstreamResponse>
     /// Loop-confined from here on.
     var connection: UpstreamConnection?
@@ -143,9 +151,15 @@ private final class UpstreamCall: @unchecked Sendable {
     /// Sent again once already, after a reused connection closed under it.
     var isRetry = false
 
-    init(request: UpstreamRequest, collectLimit: Int, promise: EventLoopPromise<UpstreamResponse>) {
+    init(
+        request: UpstreamRequest,
+        collectLimit: Int,
+        headDeadline: NIODeadline,
+        promise: EventLoopPromise<UpstreamResponse>
+    ) {
         self.request = request
         self.collectLimit = collectLimit
+        self.headDeadline = headDeadline
         self.promise = promise
     }
 
@@ -192,6 +206,8 @@ private final class LoopPool: @unchecked Sendable {
         self.limit = limit
     }
 
+    var readTimeout: TimeAmount { settings.readTimeout }
+
     func start(_ call: UpstreamCall) {
         guard !isShutDown else { return call.fail(.shutDown) }
         guard !call.isDone else { return }
@@ -203,7 +219,7 @@ private final class LoopPool: @unchecked Sendable {
             connection.close()
         }
         if open < limit { return connect(for: call) }
-        call.waitTimer = loop.scheduleTask(in: settings.readTimeout) { [self] in
+        call.waitTimer = loop.scheduleTask(deadline: call.headDeadline) { [self] in
             waiting.removeAll { $0 === call }
             call.fail(.timedOut)
         }
@@ -354,6 +370,7 @@ private final class UpstreamConnection: ChannelDuplexHandler, @unchecked Sendabl
     private var heldRead = false
     private var lastActivity = NIODeadline.now()
     private var timer: Scheduled<Void>?
+    private var timerDeadline = NIODeadline.distantFuture
     /// Until TLS is up, a failure means the connection could not be made.
     private var isEstablished: Bool
     /// Exchanges this connection finished: a reused connection may have been closed by Circuit while idle.
@@ -388,7 +405,12 @@ private final class UpstreamConnection: ChannelDuplexHandler, @unchecked Sendabl
         heldRead = false
         touch()
         sentAt = lastActivity
-        if timer == nil { schedule(at: lastActivity + readTimeout) }
+        // The head is due by the call's deadline (its time in the queue and connecting counted), which is never
+        // later than a read timeout from now; a timer left by the previous exchange may be later.
+        if timer == nil || timerDeadline > call.headDeadline {
+            timer?.cancel()
+            schedule(at: call.headDeadline)
+        }
         context.write(wrapOutboundOut(.head(call.request.head)), promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(call.request.body))), promise: nil)
         context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
@@ -533,12 +555,14 @@ private final class UpstreamConnection: ChannelDuplexHandler, @unchecked Sendabl
     /// One timer per exchange, moved forward lazily: it fires at most once per read timeout, not once per chunk.
     private func schedule(at deadline: NIODeadline) {
         guard let context else { return }
+        timerDeadline = deadline
         timer = context.eventLoop.scheduleTask(deadline: deadline) { [self] in
             timer = nil
             if case .idle = phase { return }
             // Waiting for a slow client is not Circuit's silence.
             if heldRead, case .streaming = phase { touch() }
-            let due = lastActivity + readTimeout
+            var due = lastActivity + readTimeout
+            if case .awaitingHead(let call) = phase { due = min(due, call.headDeadline) }
             if due > .now() { schedule(at: due) } else { fail(.timedOut) }
         }
     }
