@@ -12,7 +12,8 @@ public struct CircuitClient: Sendable {
     private let endpoint: UpstreamEndpoint
     private let apiVersion: String
 
-    /// `timeout`: the longest silence allowed from Circuit (`UPSTREAM_TIMEOUT_SECONDS`); `maximumConnections`:
+    /// `timeout`: the longest wait for Circuit's answer head, a wait for a connection included, and the longest
+    /// silence between its chunks (`UPSTREAM_TIMEOUT_SECONDS`); `maximumConnections`:
     /// `UPSTREAM_MAX_CONNECTIONS`; `tls`: how Circuit's certificate is checked (by default, the system's roots).
     public init(
         tokens: TokenProvider,

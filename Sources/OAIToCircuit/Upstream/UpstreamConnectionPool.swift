@@ -10,14 +10,15 @@ import NIOTLS
 /// executor (the executable installs them at start), the client's connection, the task and Circuit's connection are
 /// then on one thread, and a chat exchange crosses no thread at all. Each loop's share of the pool is touched only
 /// on that loop, so it needs no lock. A loop holds at most its share of `UPSTREAM_MAX_CONNECTIONS`; requests beyond
-/// that wait, in order, for a connection to come free (or for Circuit's read timeout).
+/// that wait, in order, for a connection to come free; that wait counts against the read timeout for the head.
 ///
 /// A non-streamed answer is read whole inside the connection's handler and handed over at once; a stream is handed
 /// over as it arrives, with backpressure: reading from Circuit pauses while the client is behind.
 final class UpstreamConnectionPool: Sendable {
     struct Settings: Sendable {
         var connectTimeout: TimeAmount = .seconds(10)
-        /// The longest silence allowed while waiting for an answer's head or between two of its chunks.
+        /// The longest wait for an answer's head, from the request's start (a wait for a connection included), and
+        /// the longest silence between two of its chunks.
         var readTimeout: TimeAmount
         /// How long a connection may sit unused before it is closed.
         var idleTimeout: TimeAmount = .seconds(60)
