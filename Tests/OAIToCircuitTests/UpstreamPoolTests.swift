@@ -85,6 +85,36 @@ import X509
         #expect(Set(log.requests.map(\.connection)) == [1, 2])
     }
 
+    /// The loops' shares add up to the limit, also when it does not divide evenly or is below the number of loops
+    /// (then a loop without a share lends its requests to one with one), and every request is answered.
+    @Test(arguments: [(limit: 2, shares: [0, 1, 1]), (limit: 4, shares: [1, 1, 2]), (limit: 1, shares: [0, 0, 1])])
+    func theConnectionLimitHoldsAcrossEventLoops(limit: Int, shares: [Int]) async throws {
+        let gate = ScriptedGate()
+        let server = try await ScriptedUpstream.start { request, reply in
+            await gate.wait()
+            await reply.json(String(buffer: request.body))
+        }
+        try await withPool(server, limit: limit, loops: 3) { pool in
+            #expect(pool.shares == shares)
+            // Tasks outside the loops take them in turn, so each loop gets some of the nine.
+            let answers = try await withThrowingTaskGroup(of: String?.self) { group in
+                for index in 0..<9 {
+                    group.addTask {
+                        try await pool.execute(upstreamRequest(body: "request \(index)"), collectLimit: 1024).body.text
+                    }
+                }
+                await server.until { $0.requests.count >= limit }
+                gate.open()
+                var answers: [String?] = []
+                for try await answer in group { answers.append(answer) }
+                return answers
+            }
+            #expect(Set(answers) == Set((0..<9).map { "request \($0)" }))
+        }
+        #expect(server.log.maxOpen <= limit)
+        #expect(server.log.requests.count == 9)
+    }
+
     @Test func requestWaitingForAConnectionTimesOut() async throws {
         let server = try await ScriptedUpstream.start { request, reply in
             if request.uri == "/busy" {
@@ -778,6 +808,7 @@ private func withPool(
     _ server: ScriptedUpstream,
     scheme: String = "http",
     limit: Int = 4,
+    loops: Int = 1,
     readTimeout: TimeAmount = .seconds(120),
     idleTimeout: TimeAmount = .seconds(60),
     tls: TLSConfiguration? = nil,
@@ -788,6 +819,7 @@ private func withPool(
             port: server.port,
             scheme: scheme,
             limit: limit,
+            loops: loops,
             readTimeout: readTimeout,
             idleTimeout: idleTimeout,
             tls: tls,
@@ -804,12 +836,13 @@ private func withPool(
     port: Int,
     scheme: String = "http",
     limit: Int = 4,
+    loops: Int = 1,
     readTimeout: TimeAmount = .seconds(120),
     idleTimeout: TimeAmount = .seconds(60),
     tls: TLSConfiguration? = nil,
     _ body: (UpstreamConnectionPool) async throws -> Void
 ) async throws {
-    let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: loops)
     var settings = UpstreamConnectionPool.Settings(readTimeout: readTimeout, maximumConnections: limit)
     settings.idleTimeout = idleTimeout
     let pool: UpstreamConnectionPool

@@ -9,7 +9,8 @@ import NIOTLS
 /// A request takes a connection of the event loop its task runs on. With NIO's loops as Swift concurrency's
 /// executor (the executable installs them at start), the client's connection, the task and Circuit's connection are
 /// then on one thread, and a chat exchange crosses no thread at all. Each loop's share of the pool is touched only
-/// on that loop, so it needs no lock. A loop holds at most its share of `UPSTREAM_MAX_CONNECTIONS`; requests beyond
+/// on that loop, so it needs no lock. The loops' shares of `UPSTREAM_MAX_CONNECTIONS` add up to it exactly (with
+/// fewer connections than loops, a loop without a share sends its requests to the first). Requests beyond
 /// that wait, in order, for a connection to come free; that wait counts against the read timeout for the head.
 ///
 /// A non-streamed answer is read whole inside the connection's handler and handed over at once; a stream is handed
@@ -26,6 +27,8 @@ final class UpstreamConnectionPool: Sendable {
     }
 
     private let loops: [ObjectIdentifier: LoopPool]
+    /// Where a loop without a share of the connections sends its requests.
+    private let lender: LoopPool
     private let group: any EventLoopGroup
 
     /// `tls`: how to check Circuit's certificate when `endpoint` is HTTPS (by default, the system's trust roots).
@@ -39,27 +42,29 @@ final class UpstreamConnectionPool: Sendable {
         if endpoint.usesTLS { context = try NIOSSLContext(configuration: tls ?? .makeClientConfiguration()) }
         var members: [any EventLoop] = []
         for loop in group.makeIterator() { members.append(loop) }
-        let share = max(1, (settings.maximumConnections + members.count - 1) / members.count)
+        // The limit is shared out exactly, so the loops together never hold more than it: with fewer connections
+        // than loops, some loops hold none and send their requests to one that does.
+        let limit = max(1, settings.maximumConnections)
         var loops: [ObjectIdentifier: LoopPool] = [:]
-        for loop in members {
-            loops[ObjectIdentifier(loop)] = LoopPool(
-                loop: loop,
-                endpoint: endpoint,
-                tls: context,
-                settings: settings,
-                limit: share
-            )
+        var lenders: [LoopPool] = []
+        for (index, loop) in members.enumerated() {
+            let share = limit / members.count + (index < limit % members.count ? 1 : 0)
+            let pool = LoopPool(loop: loop, endpoint: endpoint, tls: context, settings: settings, limit: share)
+            loops[ObjectIdentifier(loop)] = pool
+            if share > 0 { lenders.append(pool) }
         }
         self.loops = loops
+        self.lender = lenders[0]
         self.group = group
     }
 
     /// Sends `request` and returns Circuit's answer: whole when it is not an event stream (up to `collectLimit`
     /// bytes), else as a stream. Cancelling the task abandons the exchange and closes its connection.
     func execute(_ request: UpstreamRequest, collectLimit: Int) async throws(UpstreamError) -> UpstreamResponse {
-        let pool =
+        let home =
             MultiThreadedEventLoopGroup.currentEventLoop.flatMap { loops[ObjectIdentifier($0)] }
             ?? loops[ObjectIdentifier(group.any())]!
+        let pool = home.limit > 0 ? home : lender
         let call = UpstreamCall(
             request: request,
             collectLimit: collectLimit,
@@ -83,6 +88,9 @@ final class UpstreamConnectionPool: Sendable {
             throw .connectionClosed(String(describing: type(of: error)))
         }
     }
+
+    /// Each loop's share of the connection limit (for tests).
+    var shares: [Int] { loops.values.map(\.limit).sorted() }
 
     /// Closes idle connections and refuses new requests; exchanges under way finish.
     func shutdown() async {
@@ -184,7 +192,8 @@ private final class LoopPool: @unchecked Sendable {
     private let endpoint: UpstreamEndpoint
     private let tls: NIOSSLContext?
     private let settings: UpstreamConnectionPool.Settings
-    private let limit: Int
+    /// This loop's share of `UPSTREAM_MAX_CONNECTIONS` (0 when there are fewer connections than loops).
+    let limit: Int
     /// Most recently used last, so the warmest connection is taken first and the coldest time out.
     private var idle: [UpstreamConnection] = []
     /// Connections open or being opened.
