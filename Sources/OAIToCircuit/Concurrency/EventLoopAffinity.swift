@@ -1,8 +1,8 @@
 import NIOCore
 import NIOPosix
 
-/// Where a resumed task continues. With NIO's event loops as Swift concurrency's executor (the executable installs them at start, see `Entry`), a task
-/// continues on the thread that resumed it. A continuation resumed by another thread (the database's, or another
+/// Where a resumed task continues. With NIO's event loops as Swift concurrency's executor (the executable installs
+/// them at start, see `Entry`), a task continues on the thread that resumed it. A continuation resumed by another thread (the database's, or another
 /// loop's) would move a request's task away from the loop that owns its client's connection, and every write to
 /// that client would then cross threads. Resuming on the loop the task came from keeps it home.
 enum EventLoopAffinity {

@@ -322,7 +322,7 @@ public final class SQLiteLedger: LedgerStore {
             return next
         }
         for (offset, event) in events.enumerated() {
-            try transaction.execute("INSERT INTO splunk_outbox (id, kind, time, event) VALUES (?, ?, ?, ?)") { values in
+            try transaction.execute(Self.outboxInsert) { values in
                 values.bind(first + Int64(offset))
                 values.bind(event.kind.rawValue)
                 values.bind(event.time)
@@ -343,6 +343,7 @@ public final class SQLiteLedger: LedgerStore {
           total_tokens = min(total_tokens + excluded.total_tokens, \(Int64.max))
         """
 
+    static let outboxInsert = "INSERT INTO splunk_outbox (id, kind, time, event) VALUES (?, ?, ?, ?)"
     static let lifetimeUpsert = """
         INSERT INTO usage (subkey, model, requests, prompt_tokens, completion_tokens, total_tokens)
         VALUES (?, ?, ?, ?, ?, ?)

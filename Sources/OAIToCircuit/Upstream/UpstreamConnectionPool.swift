@@ -46,15 +46,19 @@ final class UpstreamConnectionPool: Sendable {
         // than loops, some loops hold none and send their requests to one that does.
         let limit = max(1, settings.maximumConnections)
         var loops: [ObjectIdentifier: LoopPool] = [:]
-        var lenders: [LoopPool] = []
         for (index, loop) in members.enumerated() {
             let share = limit / members.count + (index < limit % members.count ? 1 : 0)
-            let pool = LoopPool(loop: loop, endpoint: endpoint, tls: context, settings: settings, limit: share)
-            loops[ObjectIdentifier(loop)] = pool
-            if share > 0 { lenders.append(pool) }
+            loops[ObjectIdentifier(loop)] = LoopPool(
+                loop: loop,
+                endpoint: endpoint,
+                tls: context,
+                settings: settings,
+                limit: share
+            )
         }
         self.loops = loops
-        self.lender = lenders[0]
+        // The first loop always has a share (the remainder goes to the first loops).
+        self.lender = loops[ObjectIdentifier(members[0])]!
         self.group = group
     }
 
