@@ -83,11 +83,6 @@ public struct BridgeError: Error, Sendable, Equatable, CustomStringConvertible {
             retryAfter: retryAfter
         )
     }
-    public static let incompleteBody = BridgeError(
-        status: .badRequest,
-        code: "incomplete_body",
-        message: "The request body ended before it was complete"
-    )
     public static let upstreamAuthFailed = BridgeError(
         status: .badGateway,
         code: "upstream_auth_failed",
@@ -102,6 +97,12 @@ public struct BridgeError: Error, Sendable, Equatable, CustomStringConvertible {
         status: .gatewayTimeout,
         code: "upstream_timeout",
         message: "Gateway timeout - Circuit API took too long to respond"
+    )
+    /// A request line that HTTP/1.1's parser accepts but that names no resource (CONNECT's `host:port` form).
+    public static let malformedRequest = BridgeError(
+        status: .badRequest,
+        code: "invalid_request",
+        message: "Malformed request"
     )
     public static let notFound = BridgeError(status: .notFound, code: "not_found", message: "Not found")
     public static let methodNotAllowed = BridgeError(

@@ -12,8 +12,9 @@ extension BridgeResponder {
 
     func chat(_ request: Request, context: Context, exchange: inout Exchange) async throws -> Response {
         let caller = try await authorize(request, exchange: &exchange)
-        let body = try await Self.collect(request, limit: bridge.configuration.maxRequestBytes)
-        let chat = try ChatRequest.parse(body, appKey: bridge.configuration.appKey)
+        // The server read the body whole, up to the limit, before this ran.
+        guard !context.bodyTooLarge else { throw BridgeError.requestTooLarge(limit: bridge.configuration.maxRequestBytes) }
+        let chat = try ChatRequest.parse(context.body, appKey: bridge.configuration.appKey)
         exchange.model = chat.model
         let admission = try await bridge.policy.admit(caller, model: chat.model)
 
@@ -87,31 +88,6 @@ extension BridgeResponder {
         let usage = answer.withUnsafeReadableBytes { Usage.observe($0.assumingMemoryBound(to: UInt8.self))?.usage }
         await accounting.commit(usage: usage ?? .zero, clientDisconnected: false)
         return Response(status: status, headers: headers, body: ResponseBody(byteBuffer: answer))
-    }
-
-    /// Reads the whole request body, refusing it with 413 as soon as it passes `limit` (before any parsing).
-    static func collect(_ request: Request, limit: Int) async throws -> ByteBuffer {
-        var expected = 0
-        if let length = request.headers[.contentLength].flatMap({ Int($0) }) {
-            guard length <= limit else { throw BridgeError.requestTooLarge(limit: limit) }
-            expected = length
-        }
-        // Reserve what the client announced, but not more than a typical body: the announcement costs it nothing.
-        var buffer = ByteBufferAllocator().buffer(capacity: min(expected, 1 << 20))
-        do {
-            for try await part in request.body {
-                guard buffer.readableBytes + part.readableBytes <= limit else {
-                    throw BridgeError.requestTooLarge(limit: limit)
-                }
-                buffer.writeImmutableBuffer(part)
-            }
-        } catch let error as BridgeError {
-            throw error
-        } catch {
-            // The client went away (or broke HTTP framing) while sending its body.
-            throw BridgeError.incompleteBody
-        }
-        return buffer
     }
 }
 

@@ -6,7 +6,7 @@ import NIOCore
 
 /// Routes every request of the bridge. A handful of exact paths, so a switch rather than a router: it also lets
 /// the bridge tell 404 from 405 and answer both in OpenAI's error shape.
-public struct BridgeResponder: HTTPResponder {
+public struct BridgeResponder: Sendable {
     public typealias Context = BridgeRequestContext
 
     let bridge: Bridge
@@ -20,7 +20,8 @@ public struct BridgeResponder: HTTPResponder {
         self.createdAt = Int(bridge.clock.now())
     }
 
-    public func respond(to request: Request, context: Context) async throws -> Response {
+    /// The answer to one request, whatever happens (a failure is an OpenAI-shaped error answer).
+    public func respond(to request: Request, context: Context) async -> Response {
         var exchange = Exchange(request: request, context: context)
         var response: Response
         do {

@@ -1,8 +1,5 @@
 import AsyncHTTPClient
 import Foundation
-import Hummingbird
-import HummingbirdCore
-import HummingbirdTLS
 import Logging
 import NIOCore
 import NIOPosix
@@ -247,60 +244,56 @@ public enum BridgeServer {
     }
 
     /// How long a connection may stay silent between requests (or while a request is read) before it is closed.
-    static let connectionIdleTimeout = TimeAmount.seconds(120)
+    public static let connectionIdleTimeout = TimeAmount.seconds(120)
 
     /// The listeners the configuration asks for (HTTP, HTTPS or both) over one responder, as one service, so that
     /// graceful shutdown stops them accepting at the same moment.
     /// `onListening` is told each listener's scheme and bound port (useful with port 0).
     public static func listeners(
         for bridge: Bridge,
+        idleTimeout: TimeAmount = connectionIdleTimeout,
         onListening: @escaping @Sendable (Scheme, Int) async -> Void = { _, _ in }
     ) throws -> Listeners {
         let listener = bridge.configuration.listener
         let responder = BridgeResponder(bridge: bridge)
-        var logger = bridge.logger
-        logger.logLevel = max(logger.logLevel, .notice)  // Hummingbird's own per-connection chatter
-        let http1 = HTTPServerBuilder.http1(
-            configuration: .init(additionalChannelHandlers: [ClientHangUpHandler()], idleTimeout: connectionIdleTimeout)
-        )
-        var applications: [any Service] = []
-        if listener.tls != .only {
-            applications.append(
-                Application(
-                    responder: responder,
-                    server: http1,
-                    configuration: .init(address: .hostname(listener.host, port: listener.port)),
-                    onServerRunning: { channel in await onListening(.http, channel.localAddress?.port ?? listener.port) },
-                    logger: logger
-                )
+        var servers: [(Scheme, HTTPListener)] = []
+        func add(_ scheme: Scheme, port: Int, tls: NIOSSLContext?) {
+            let server = HTTPListener(
+                host: listener.host,
+                port: port,
+                tls: tls,
+                responder: responder,
+                bodyLimit: bridge.configuration.maxRequestBytes,
+                idleTimeout: idleTimeout,
+                logger: bridge.logger
             )
+            servers.append((scheme, server))
         }
+        if listener.tls != .only { add(.http, port: listener.port, tls: nil) }
         if listener.tls != .off {
             let tls = try tlsConfiguration(certificate: listener.certificatePath, privateKey: listener.privateKeyPath)
-            applications.append(
-                Application(
-                    responder: responder,
-                    server: try .tls(http1, tlsConfiguration: tls),
-                    configuration: .init(address: .hostname(listener.host, port: listener.sslPort)),
-                    onServerRunning: { channel in await onListening(.https, channel.localAddress?.port ?? listener.sslPort) },
-                    logger: logger
-                )
-            )
+            add(.https, port: listener.sslPort, tls: try NIOSSLContext(configuration: tls))
         }
-        return Listeners(applications: applications)
+        return Listeners(servers: servers, onListening: onListening)
     }
 
     /// The bridge's HTTP and HTTPS servers, run side by side. Each inherits the group's graceful-shutdown signal,
     /// so both stop accepting together; if one fails, the other is cancelled.
-    public struct Listeners: Service {
-        let applications: [any Service]
+    public struct Listeners: Service, CustomStringConvertible {
+        let servers: [(Scheme, HTTPListener)]
+        let onListening: @Sendable (Scheme, Int) async -> Void
 
-        public var count: Int { applications.count }
+        public var count: Int { servers.count }
+
+        /// How the service group names it in its log (never the configuration, which holds secrets).
+        public var description: String {
+            "Listeners(" + servers.map { "\($0.0.rawValue) \($0.1.host):\($0.1.port)" }.joined(separator: ", ") + ")"
+        }
 
         public func run() async throws {
             try await withThrowingTaskGroup(of: Void.self) { group in
-                for application in applications {
-                    group.addTask { try await application.run() }
+                for (scheme, server) in servers {
+                    group.addTask { try await server.run { port in await onListening(scheme, port) } }
                 }
                 try await group.waitForAll()
             }

@@ -86,6 +86,7 @@ struct Harness {
         adjust: (inout BridgeConfiguration) -> Void = { _ in },
         hecTuning: (inout HECShipper.Tuning) -> Void = Harness.quickRetries,
         configure: (inout Bridge) -> Void = { _ in },
+        connectionIdleTimeout: TimeAmount = BridgeServer.connectionIdleTimeout,
         _ body: (Harness) async throws -> Void
     ) async throws {
         let directory = try given ?? temporaryDirectory()
@@ -134,7 +135,9 @@ struct Harness {
             bridge.recorder = recorder
             configure(&bridge)
             let (ports, portSource) = AsyncStream<(BridgeServer.Scheme, Int)>.makeStream()
-            let services = try BridgeServer.listeners(for: bridge) { scheme, port in portSource.yield((scheme, port)) }
+            let services = try BridgeServer.listeners(for: bridge, idleTimeout: connectionIdleTimeout) { scheme, port in
+                portSource.yield((scheme, port))
+            }
             let group = ServiceGroup(
                 configuration: .init(
                     services: [assembly.shipper].compactMap { $0 } + [assembly.writer, assembly.reloader, services],

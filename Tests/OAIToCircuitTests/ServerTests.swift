@@ -1,0 +1,179 @@
+import CircuitFakes
+import Foundation
+import NIOCore
+import ServiceLifecycle
+import Testing
+
+@testable import OAIToCircuit
+
+/// The bridge's own HTTP/1.1 server (`HTTPListener`, `ExchangeHandler`), over bare TCP connections: what ordinary
+/// clients rarely send, and what must happen to the connection afterwards.
+@Suite(.timeLimit(.minutes(1))) struct ServerTests {
+    static func chat(_ body: String, headers: String = "") -> String {
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: bridge\r\nAuthorization: Bearer \(Harness.subkey)\r\n"
+            + "Content-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\n\(headers)\r\n\(body)"
+    }
+
+    static let health = "GET /health HTTP/1.1\r\nHost: bridge\r\n\r\n"
+
+    @Test func pipelinedRequestsAreAnsweredInOrderOnOneConnection() async throws {
+        try await Harness.with { harness async throws in
+            let connection = try await RawConnection(port: harness.httpPort!)
+            // Three requests in one write: the second is a chat, so the third waits for Circuit's answer to it.
+            try await connection.send(Self.health + Self.chat(Harness.chatBody()) + "GET /nowhere HTTP/1.1\r\nHost: b\r\n\r\n")
+            let first = try #require(try await connection.response())
+            #expect(first.status == 200 && first.body.contains(#""status": "healthy""#))
+            #expect(first.header("date")?.hasSuffix(" GMT") == true)
+            let second = try #require(try await connection.response())
+            #expect(second.status == 200 && second.body.contains("chat.completion"))
+            let third = try #require(try await connection.response())
+            #expect(third.status == 404 && third.body.contains(#""code": "not_found""#))
+            await connection.close()
+        }
+    }
+
+    @Test func anOversizedBodyIsRefusedBeforeItIsSentAndTheConnectionServesOn() async throws {
+        try await Harness.with(environment: ["MAX_REQUEST_BYTES": "100"]) { harness async throws in
+            let connection = try await RawConnection(port: harness.httpPort!)
+            let body = #"{"model": "gpt-4o", "pad": ""# + String(repeating: "x", count: 200) + #""}"#
+            let request = Self.chat(body)
+            // Only the head: the refusal comes from the announced length alone.
+            let headEnd = request.range(of: "\r\n\r\n")!.upperBound
+            try await connection.send(String(request[..<headEnd]))
+            let refused = try #require(try await connection.response())
+            #expect(refused.status == 413 && refused.body.contains("request_too_large"))
+            #expect(refused.header("connection") == nil)
+            // The body the client goes on sending is read and dropped; the connection then serves the next request.
+            try await connection.send(String(request[headEnd...]) + Self.health)
+            #expect(try await connection.response()?.status == 200)
+            await connection.close()
+            #expect(await harness.circuit.requests.count == 0)
+        }
+    }
+
+    @Test func anOversizedChunkedBodyIsRefusedOnceItPassesTheLimit() async throws {
+        try await Harness.with(environment: ["MAX_REQUEST_BYTES": "100"]) { harness async throws in
+            let connection = try await RawConnection(port: harness.httpPort!)
+            try await connection.send(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: b\r\nAuthorization: Bearer \(Harness.subkey)\r\n"
+                    + "Transfer-Encoding: chunked\r\n\r\n40\r\n\(String(repeating: "a", count: 64))\r\n"
+            )
+            try await connection.send("40\r\n\(String(repeating: "b", count: 64))\r\n")
+            #expect(try await connection.response()?.status == 413)
+            try await connection.send("40\r\n\(String(repeating: "c", count: 64))\r\n0\r\n\r\n" + Self.health)
+            #expect(try await connection.response()?.status == 200)
+            await connection.close()
+        }
+    }
+
+    @Test func expectContinueIsAnsweredBeforeTheBody() async throws {
+        try await Harness.with(environment: ["MAX_REQUEST_BYTES": "1000"]) { harness async throws in
+            let connection = try await RawConnection(port: harness.httpPort!)
+            let body = Harness.chatBody()
+            let request = Self.chat(body, headers: "Expect: 100-continue\r\n")
+            try await connection.send(String(request.dropLast(body.utf8.count)))
+            #expect(try await connection.response()?.status == 100)
+            try await connection.send(body)
+            #expect(try await connection.response()?.status == 200)
+
+            // Too large: refused without `100 Continue`; the client sends no body, so the connection closes.
+            let big = #"{"pad": ""# + String(repeating: "x", count: 2000) + #""}"#
+            let refusedRequest = Self.chat(big, headers: "Expect: 100-continue\r\n")
+            try await connection.send(String(refusedRequest.dropLast(big.utf8.count)))
+            let refused = try #require(try await connection.response())
+            #expect(refused.status == 413 && refused.header("connection") == "close")
+            #expect(try await connection.closesWithoutMore())
+        }
+    }
+
+    @Test func http10WithoutKeepAliveIsAnsweredThenClosed() async throws {
+        try await Harness.with { harness async throws in
+            let connection = try await RawConnection(port: harness.httpPort!)
+            try await connection.send("GET /health HTTP/1.0\r\n\r\n")
+            let answer = try #require(try await connection.response())
+            #expect(answer.status == 200 && answer.header("connection") == "close")
+            #expect(try await connection.closesWithoutMore())
+
+            // With keep-alive asked for, the connection stays for the next request.
+            let again = try await RawConnection(port: harness.httpPort!)
+            try await again.send("GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            #expect(try await again.response()?.header("connection") == "keep-alive")
+            try await again.send("GET /health HTTP/1.0\r\n\r\n")
+            #expect(try await again.response()?.status == 200)
+            #expect(try await again.closesWithoutMore())
+        }
+    }
+
+    @Test func aStreamOverHTTP10EndsWithTheConnection() async throws {
+        try await Harness.with { harness async throws in
+            let connection = try await RawConnection(port: harness.httpPort!)
+            let body = Harness.chatBody(stream: true)
+            try await connection.send(
+                "POST /v1/chat/completions HTTP/1.0\r\nConnection: keep-alive\r\nAuthorization: Bearer \(Harness.subkey)\r\n"
+                    + "Content-Length: \(body.utf8.count)\r\n\r\n\(body)"
+            )
+            let answer = try #require(try await connection.response())
+            #expect(answer.status == 200 && answer.header("connection") == "close")
+            #expect(answer.header("transfer-encoding") == nil && answer.body.hasSuffix("data: [DONE]\n\n"))
+        }
+    }
+
+    @Test func malformedRequestsAreRefusedAndTheServerServesOn() async throws {
+        try await Harness.with { harness async throws in
+            let garbage = try await RawConnection(port: harness.httpPort!)
+            try await garbage.send("NOT HTTP AT ALL\r\n\r\n")
+            #expect(try await garbage.response()?.status == 400)
+            #expect(try await garbage.closesWithoutMore())
+
+            let badHeader = try await RawConnection(port: harness.httpPort!)
+            try await badHeader.send("GET /health HTTP/1.1\r\nHost: b\r\nBad Header: x\r\n\r\n")
+            #expect(try await badHeader.response()?.status == 400)
+            #expect(try await badHeader.closesWithoutMore())
+
+            #expect(try await harness.request(.GET, "/health").status == 200)
+        }
+    }
+
+    @Test func anIdleConnectionIsClosedButNotWhileItsAnswerIsMade() async throws {
+        var settings = FakeCircuit.Settings()
+        settings.headerDelay = .milliseconds(700)
+        try await Harness.with(circuitSettings: settings, connectionIdleTimeout: .milliseconds(300)) {
+            harness async throws in
+            let connection = try await RawConnection(port: harness.httpPort!)
+            // Circuit takes longer than the idle timeout to answer: the connection stays for the answer.
+            try await connection.send(Self.chat(Harness.chatBody(model: "slow-headers")))
+            #expect(try await connection.response()?.status == 200)
+            // Then nothing more comes: the server closes the connection.
+            #expect(try await connection.closesWithoutMore())
+
+            // A request whose body never finishes arriving is given up the same way.
+            let stalled = try await RawConnection(port: harness.httpPort!)
+            let request = Self.chat(Harness.chatBody())
+            try await stalled.send(String(request.dropLast(5)))
+            #expect(try await stalled.closesWithoutMore())
+            #expect(await harness.circuit.requests.count == 1)
+        }
+    }
+
+    @Test func stoppingForGoodEndsTheAnswersInProgress() async throws {
+        try await Harness.with { harness async throws in
+            // A listener of its own, so that it can be stopped without a grace period.
+            let (ports, portSource) = AsyncStream<Int>.makeStream()
+            let listeners = try BridgeServer.listeners(for: harness.bridge) { _, port in portSource.yield(port) }
+            let running = Task { try await listeners.run() }
+            var iterator = ports.makeAsyncIterator()
+            let port = try #require(await iterator.next())
+
+            let connection = try await RawConnection(port: port)
+            try await connection.send(Self.chat(Harness.chatBody(model: "gated-stream", stream: true)))
+            let head = try #require(try await connection.response(headOnly: true))
+            #expect(head.status == 200)
+            running.cancel()
+            try await running.value
+            // The stream was cut: the connection ends without the stream's end, and the request still counts.
+            #expect(try await connection.readsToEnd().contains("data: [DONE]") == false)
+            await harness.recorder.usage.wait { $0.contains { $0.clientDisconnected } }
+            await harness.circuit.openGate()
+        }
+    }
+}
