@@ -65,7 +65,7 @@ extension BridgeResponder {
             var ending = exchange
             ending.logsWhenStreamEnds = false
             let responder = self
-            let finish: @Sendable () -> Void = { [ending] in responder.finish(ending, status: Int(status.code)) }
+            let finish: @Sendable () -> Void = { [ending] in responder.finish(ending, status: Int(status.code))() }
             let unstarted = UnstartedStream(accounting: accounting, upstream: stream, finish: finish)
             let hidesUsageChunk = !chat.clientWantsUsage
             let client = context.channel

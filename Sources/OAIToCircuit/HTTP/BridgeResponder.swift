@@ -20,8 +20,16 @@ public struct BridgeResponder: Sendable {
         self.createdAt = Int(bridge.clock.now())
     }
 
+    /// A response, and what the server does once its last byte is written.
+    public struct Answer: Sendable {
+        public var response: Response
+        /// The access log line, written after the response (a stream's own body writes it when it ends, so this is
+        /// `nil` then).
+        public var written: (@Sendable () -> Void)?
+    }
+
     /// The answer to one request, whatever happens (a failure is an OpenAI-shaped error answer).
-    public func respond(to request: Request, context: Context) async -> Response {
+    public func respond(to request: Request, context: Context) async -> Answer {
         var exchange = Exchange(request: request, context: context)
         var response: Response
         do {
@@ -39,10 +47,8 @@ public struct BridgeResponder: Sendable {
         if request.method == .head { response = response.createHeadResponse() }
         response.headers[.xRequestID] = exchange.requestID
         if exchange.route.hasPrefix("/v1/") { cors.decorate(&response.headers, for: request) }
-        if !exchange.logsWhenStreamEnds {
-            finish(exchange, status: Int(response.status.code))
-        }
-        return response
+        if exchange.logsWhenStreamEnds { return Answer(response: response) }
+        return Answer(response: response, written: finish(exchange, status: Int(response.status.code)))
     }
 
     private func route(_ request: Request, context: Context, exchange: inout Exchange) async throws -> Response {
@@ -200,11 +206,16 @@ public struct BridgeResponder: Sendable {
         )
     }
 
-    /// The access log line and request metrics, once the response is complete.
-    func finish(_ exchange: Exchange, status: Int) {
+    /// The request's metrics, at once, and its access log line, to write once the response is complete (the line's
+    /// formatting and write are kept off the path to the client's last byte).
+    func finish(_ exchange: Exchange, status: Int) -> @Sendable () -> Void {
         let duration = ContinuousClock.now - exchange.started
         bridge.metrics.requestFinished(route: exchange.route, status: status, model: exchange.model, duration: duration)
-        bridge.logger.info(
+        return { [logger = bridge.logger] in Self.logLine(logger, exchange, status: status, duration: duration) }
+    }
+
+    private static func logLine(_ logger: Logger, _ exchange: Exchange, status: Int, duration: Duration) {
+        logger.info(
             "request",
             metadata: [
                 "method": "\(exchange.method)", "path": "\(exchange.path)", "status": "\(status)",

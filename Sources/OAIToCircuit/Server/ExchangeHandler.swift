@@ -68,6 +68,9 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
     func handlerRemoved(context: ChannelHandlerContext) {
         idleCheck?.cancel()
         idleCheck = nil
+        // Also for a channel closed before it ever became active (no `channelInactive` then).
+        state = .closed
+        if answers.isEmpty { leave() }
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -194,8 +197,7 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
         )
         let responder = self.responder
         answers[number] = Task {
-            let response = await responder.respond(to: request, context: requestContext)
-            await exchange.write(response)
+            await exchange.write(await responder.respond(to: request, context: requestContext))
         }
     }
 
@@ -306,7 +308,8 @@ struct ExchangeWriter: Sendable {
         eventLoop.inEventLoop ? body() : eventLoop.flatSubmit(body)
     }
 
-    func write(_ response: Response) async {
+    func write(_ answer: BridgeResponder.Answer) async {
+        let response = answer.response
         let streamed = response.body.contentLength == nil
         let head = self.head(of: response, streamed: streamed)
         _ = onLoop { [context] in
@@ -320,6 +323,7 @@ struct ExchangeWriter: Sendable {
         } catch {
             complete = false
         }
+        answer.written?()
         _ = onLoop { [handler, context, number, complete] in
             handler.value.answerDone(number: number, context: context.value, complete: complete)
             return context.value.eventLoop.makeSucceededVoidFuture()
