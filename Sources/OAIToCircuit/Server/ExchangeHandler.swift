@@ -6,9 +6,9 @@ import NIOHTTPTypesHTTP1
 
 /// Serves one client connection, one request at a time (NIO's `HTTPServerPipelineHandler` in front holds back a
 /// pipelined request until the answer before it is written). The request is read whole here, on the event loop;
-/// one task per request runs the responder; its answer is written back from here. Compared with an async channel
-/// per connection, which hands every request part and every written part across a task boundary, this saves about
-/// 100 µs per request at concurrency 1 and doubles what a core serves (docs/PERFORMANCE.md, change 7).
+/// one task per request runs the responder; its answer is written back from here. An async channel per connection
+/// instead hands every request part and every written part across a task boundary, which cost the bridge about
+/// 70 µs per request at concurrency 1 (docs/PERFORMANCE.md, change 7).
 ///
 /// A body over `bodyLimit` is not kept: the responder is told it is too large (the chat route answers 413 at once,
 /// as soon as the announced length or the bytes read pass the limit), and the rest is read and dropped, so the
