@@ -111,7 +111,7 @@ import Testing
                 Issue.record("Circuit's answer is not a stream")
                 return
             }
-            // What Hummingbird does when writing the head fails: the body, and so this guard, is dropped unrun.
+            // A response dropped before its body ran: the body, and so this guard, goes unrun.
             _ = UnstartedStream(accounting: accounting, upstream: upstream, finish: {})
             await harness.recorder.usage.wait { !$0.isEmpty }
             let record = try #require(await harness.recorder.usage.entries.first)

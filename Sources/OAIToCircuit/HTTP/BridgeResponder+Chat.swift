@@ -199,8 +199,9 @@ struct Accounting: Sendable {
     }
 }
 
-/// Accounts a streamed answer whose body never ran. Hummingbird writes the head first and, when that fails because
-/// the client has already gone, drops the body unrun: Circuit answered all the same, so the request must count.
+/// Accounts a streamed answer whose body never ran. The bridge's server runs every body, even for a client that has
+/// gone; this guard keeps the request counted should a response ever be dropped unwritten (a server that fails to
+/// write the head may drop the body), since Circuit answered all the same.
 final class UnstartedStream: Sendable {
     private let started = Atomic<Bool>(false)
     private let accounting: Accounting
