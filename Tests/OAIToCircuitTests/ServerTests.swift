@@ -32,6 +32,38 @@ import Testing
         }
     }
 
+    @Test func aRequestPipelinedAfterConnectionCloseIsDroppedNotAnswered() async throws {
+        try await Harness.with { harness async throws in
+            for first in ["GET /health HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n", "GET /health HTTP/1.0\r\n\r\n"] {
+                let connection = try await RawConnection(port: harness.httpPort!)
+                try await connection.send(first + Self.chat(Harness.chatBody()))
+                let answer = try #require(try await connection.response())
+                #expect(answer.status == 200 && answer.header("connection") == "close")
+                // Then the connection closes. HTTP's parser refuses bytes after a closing request (NIO answers them
+                // 400); the request in them is not served.
+                let rest = try await connection.readsToEnd()
+                #expect(rest.isEmpty || rest.hasPrefix("HTTP/1.1 400"), "\(rest)")
+            }
+            #expect(await harness.circuit.requests.count == 0)
+        }
+    }
+
+    @Test func aChatRequestWithoutASubkeyIsRefusedFromItsHead() async throws {
+        try await Harness.with { harness async throws in
+            let connection = try await RawConnection(port: harness.httpPort!)
+            let body = Harness.chatBody()
+            // No body sent: the refusal must not wait for it (the bridge holds no body for an unknown client).
+            try await connection.send(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: b\r\nContent-Length: \(body.utf8.count)\r\n\r\n"
+            )
+            let refused = try #require(try await connection.response())
+            #expect(refused.status == 401 && refused.body.contains("subkey_required"))
+            try await connection.send(body + Self.health)
+            #expect(try await connection.response()?.status == 200)
+            await connection.close()
+        }
+    }
+
     @Test func anOversizedBodyIsRefusedBeforeItIsSentAndTheConnectionServesOn() async throws {
         try await Harness.with(environment: ["MAX_REQUEST_BYTES": "100"]) { harness async throws in
             let connection = try await RawConnection(port: harness.httpPort!)
@@ -108,13 +140,15 @@ import Testing
         try await Harness.with { harness async throws in
             let connection = try await RawConnection(port: harness.httpPort!)
             let body = Harness.chatBody(stream: true)
-            try await connection.send(
+            let request =
                 "POST /v1/chat/completions HTTP/1.0\r\nConnection: keep-alive\r\nAuthorization: Bearer \(Harness.subkey)\r\n"
-                    + "Content-Length: \(body.utf8.count)\r\n\r\n\(body)"
-            )
+                + "Content-Length: \(body.utf8.count)\r\n\r\n\(body)"
+            // A second request pipelined behind it is dropped with the connection, not sent to Circuit.
+            try await connection.send(request + request)
             let answer = try #require(try await connection.response())
             #expect(answer.status == 200 && answer.header("connection") == "close")
             #expect(answer.header("transfer-encoding") == nil && answer.body.hasSuffix("data: [DONE]\n\n"))
+            #expect(await harness.circuit.requests.count == 1)
         }
     }
 
@@ -170,8 +204,8 @@ import Testing
             #expect(head.status == 200)
             running.cancel()
             try await running.value
-            // The stream was cut: the connection ends without the stream's end, and the request still counts.
-            #expect(try await connection.readsToEnd().contains("data: [DONE]") == false)
+            // The stream was cut (Circuit's gate is still shut): the connection ends, and the request still counts.
+            _ = try await connection.readsToEnd()
             await harness.recorder.usage.wait { $0.contains { $0.clientDisconnected } }
             await harness.circuit.openGate()
         }

@@ -1,5 +1,6 @@
 import HTTPTypes
 import Hummingbird
+import Logging
 import NIOCore
 import NIOHTTP1
 import NIOHTTPTypesHTTP1
@@ -27,6 +28,9 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
         case answering(requestEnded: Bool, closeAfter: Bool)
         /// The answer is written; the rest of an oversized request is dropped until its end.
         case draining(closeAfter: Bool)
+        /// The last answer's end is written and the connection closes once it is out; whatever arrives meanwhile
+        /// (a pipelined request after `Connection: close`) is dropped.
+        case closing
         case closed
     }
 
@@ -35,6 +39,8 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
     private let idleTimeout: TimeAmount
     private let secure: Bool
     private let connections: ConnectionSet
+    private let requireSubkey: Bool
+    private let logger: Logger
     private var state = State.idle
     private var lastActivity = NIODeadline.now()
     private var idleCheck: Scheduled<Void>?
@@ -46,9 +52,20 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var answers: [Int: Task<Void, Never>] = [:]
     /// The connection's name in the listener's list.
     private var connectionID: ObjectIdentifier?
+    /// The last answer's end, written or on its way: a close waits for it, since closing drops what is not yet out.
+    private var lastEnd: EventLoopFuture<Void>?
 
-    init(responder: BridgeResponder, bodyLimit: Int, idleTimeout: TimeAmount, secure: Bool, connections: ConnectionSet) {
+    init(
+        responder: BridgeResponder,
+        bodyLimit: Int,
+        idleTimeout: TimeAmount,
+        secure: Bool,
+        connections: ConnectionSet,
+        logger: Logger
+    ) {
         self.responder = responder
+        self.requireSubkey = responder.bridge.configuration.requireSubkey
+        self.logger = logger
         self.bodyLimit = bodyLimit
         self.idleTimeout = idleTimeout
         self.secure = secure
@@ -86,28 +103,34 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
         lastActivity = .now()
         switch (unwrapInboundIn(data), state) {
         case (.head(let head), .idle):
+            guard readsBody(of: head) else {
+                // Answered from its head; whatever body it has is dropped.
+                dispatch(head, body: ByteBuffer(), tooLarge: false, requestEnded: false, context: context)
+                return
+            }
             let announced = head.headers.first(name: "content-length").flatMap { Int($0) }
             let expectsContinue = head.headers.first(name: "expect")?.lowercased() == "100-continue"
             if let announced, announced > bodyLimit {
-                dispatch(head, body: ByteBuffer(), tooLarge: true, withheld: expectsContinue, context: context)
+                // A client waiting for `100 Continue` sends no body after the refusal: its request is over.
+                dispatch(head, body: ByteBuffer(), tooLarge: true, requestEnded: expectsContinue, context: context)
                 return
             }
-            if expectsContinue {
+            if expectsContinue, head.version.minor >= 1 {  // HTTP/1.0 clients know no `100 Continue`
                 let proceed = HTTPResponseHead(version: head.version, status: .continue)
                 context.writeAndFlush(wrapOutboundOut(.head(proceed)), promise: nil)
             }
-            // Reserve what the client announced, but not more than a typical body: announcing costs it nothing.
-            state = .reading(head, context.channel.allocator.buffer(capacity: min(announced ?? 0, 1 << 20)))
+            // Reserve what the client announced, but not much: announcing costs it nothing.
+            state = .reading(head, context.channel.allocator.buffer(capacity: min(announced ?? 0, 64 << 10)))
         case (.body(var part), .reading(let head, var body)):
             guard body.readableBytes + part.readableBytes <= bodyLimit else {
-                dispatch(head, body: ByteBuffer(), tooLarge: true, withheld: false, context: context)
+                dispatch(head, body: ByteBuffer(), tooLarge: true, requestEnded: false, context: context)
                 return
             }
             state = .idle  // lets `body` be the buffer's only reference, so appending does not copy it
             body.writeBuffer(&part)
             state = .reading(head, body)
         case (.end, .reading(let head, let body)):
-            dispatch(head, body: body, tooLarge: false, withheld: false, context: context)
+            dispatch(head, body: body, tooLarge: false, requestEnded: true, context: context)
         case (.body, .answering), (.body, .draining):
             break  // the rest of an oversized body
         case (.end, .answering(_, let closeAfter)):
@@ -118,7 +141,7 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
             } else {
                 state = .idle
             }
-        case (_, .closed):
+        case (_, .closed), (_, .closing):
             break
         case (let part, let state):
             // The pipeline handler in front delivers one request at a time, whole: anything else is a bug.
@@ -133,6 +156,8 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
             case .idle, .reading, .draining:
                 // Nothing more will come: a request half read is abandoned, as is an idle connection.
                 close(context: context)
+            case .closing:
+                break
             case .answering:
                 // A client may half-close once it has sent its request: it still gets the answer, then the
                 // connection closes.
@@ -145,32 +170,54 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        // Parse errors were answered (400) by the protocol error handler in front; anything else ends the connection.
+        // Parse errors were answered (400) by the protocol error handler in front; anything else (a failed TLS
+        // handshake, a reset) ends the connection. Only the error's type is logged: it cannot carry a secret.
+        logger.debug("connection error", metadata: ["error": "\(type(of: error))"])
         close(context: context)
     }
 
     // MARK: Answering
 
-    /// Hands the request to the responder. A body too large is not passed on: the rest of it is read and dropped
-    /// meanwhile (`requestEnded` false), so that the client, still sending, reads the refusal rather than a reset.
-    /// A body `withheld` by a client waiting for `100 Continue` never comes: the connection closes after the answer.
+    /// Only a chat request's body is read, and only when it can be answered: a chat request without a subkey, when
+    /// one is required, is refused (401) from its head, so an unknown client cannot make the bridge hold a body.
+    private func readsBody(of head: HTTPRequestHead) -> Bool {
+        guard head.method == .POST, Self.path(of: head.uri) == "/v1/chat/completions" else { return false }
+        guard requireSubkey else { return true }
+        return head.headers.contains(name: "authorization") || head.headers.contains(name: "x-bridge-subkey")
+    }
+
+    /// The request target's path, as the responder's routing reads it (origin form, or the absolute form's path).
+    static func path(of target: String) -> Substring {
+        var rest = Substring(target)
+        if let scheme = rest.range(of: "://") {
+            rest = rest[scheme.upperBound...]
+            rest = rest[(rest.firstIndex(of: "/") ?? rest.endIndex)...]
+        }
+        return rest.prefix { $0 != "?" && $0 != "#" }
+    }
+
+    /// Hands the request to the responder. Until `requestEnded`, the rest of its body is read and dropped
+    /// meanwhile: a body too large is not passed on, and the client, still sending, reads the refusal rather than a
+    /// reset. A request that ended without its body (a client waiting for `100 Continue`) closes the connection.
     private func dispatch(
         _ head: HTTPRequestHead,
         body: ByteBuffer,
         tooLarge: Bool,
-        withheld: Bool,
+        requestEnded: Bool,
         context: ChannelHandlerContext
     ) {
-        let requestEnded = !tooLarge || withheld
+        let withheld = tooLarge && requestEnded
         let closeAfter = withheld || !head.isKeepAlive
         state = .answering(requestEnded: requestEnded, closeAfter: closeAfter)
         exchanges += 1
         let number = exchanges
         let request: Request
         do {
+            guard head.method != .CONNECT else { throw BridgeError.malformedRequest }
             request = Request(head: try HTTPRequest(head, secure: secure, splitCookie: false), body: .init(buffer: body))
         } catch {
-            // A request line HTTP's parser accepts but HTTP's semantics do not (CONNECT's authority form).
+            // CONNECT (a proxy's method: NIO's encoder would frame its answer as a tunnel), or a method HTTP's types
+            // refuse.
             state = .answering(requestEnded: requestEnded, closeAfter: true)
             let exchange = ExchangeWriter(
                 handler: self,
@@ -203,16 +250,29 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     /// Just before the answer's last part is written: what comes next for the connection. Set first, because
     /// writing the end lets the pipeline handler deliver the next request at once, re-entering `channelRead`.
-    fileprivate func answerEnding(context: ChannelHandlerContext) -> Bool {
-        guard case .answering(let requestEnded, let closeAfter) = state else { return true }
+    /// `mustClose`: the answer itself ends only with the connection (a stream over HTTP/1.0).
+    fileprivate func answerEnding(mustClose: Bool) -> Bool {
+        guard case .answering(let requestEnded, let closeAfter) = state else {
+            if case .closed = state { return true }
+            state = .closing
+            return true
+        }
+        if mustClose || (closeAfter && requestEnded) {
+            state = .closing
+            return true
+        }
         if !requestEnded {
             state = .draining(closeAfter: closeAfter)
             return false
         }
-        if closeAfter { return true }
         state = .idle
         lastActivity = .now()
         return false
+    }
+
+    /// Where the answer's end went, so that a later close waits for it.
+    fileprivate func answerEnded(_ written: EventLoopFuture<Void>) {
+        lastEnd = written
     }
 
     /// The answer's task is over (written whole, or given up when the client went).
@@ -227,7 +287,7 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
             case .answering:
                 // The end was never written: the client cannot tell where this answer stops, so the connection goes.
                 close(context: context)
-            case .idle, .reading, .draining:
+            case .idle, .reading, .draining, .closing:
                 if !complete { close(context: context) }
             }
         }
@@ -239,20 +299,24 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
         connectionID = nil
     }
 
+    /// Closes the connection once the last answer's end is out (closing drops writes still queued).
     fileprivate func close(context: ChannelHandlerContext) {
         if case .closed = state { return }
         if case .answering = state {
             state = .answering(requestEnded: true, closeAfter: true)
         } else {
-            state = .closed
+            state = .closing
         }
-        context.close(promise: nil)
+        guard let lastEnd else { return context.close(promise: nil) }
+        let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+        lastEnd.whenComplete { _ in bound.value.close(promise: nil) }
     }
 
     /// The listener is stopping for good: the answer in progress is cancelled and the connection closed.
     private func abort(context: ChannelHandlerContext) {
         for answer in answers.values { answer.cancel() }
-        close(context: context)
+        if case .closed = state { return }
+        context.close(promise: nil)
     }
 
     // MARK: Idle connections
@@ -268,7 +332,7 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
     private func idleCheckFired(context: ChannelHandlerContext) {
         idleCheck = nil
         switch state {
-        case .closed:
+        case .closed, .closing:
             return
         case .answering:
             lastActivity = .now()  // an answer in progress is not idleness; count from now
@@ -364,10 +428,12 @@ struct ExchangeWriter: Sendable {
     /// tells where such an answer ends).
     fileprivate func writeEnd(_ trailers: HTTPFields?, streamed: Bool) -> EventLoopFuture<Void> {
         onLoop { [handler, context, version] in
-            let closes = handler.value.answerEnding(context: context.value) || (streamed && version.minor == 0)
-            let written = context.value.writeAndFlush(
-                NIOAny(HTTPServerResponsePart.end(trailers.map(HTTPHeaders.init)))
-            )
+            let closes = handler.value.answerEnding(mustClose: streamed && version.minor == 0)
+            // Noted before writing: the write can deliver the next request, and a close it causes must wait.
+            let promise = context.value.eventLoop.makePromise(of: Void.self)
+            handler.value.answerEnded(promise.futureResult)
+            context.value.writeAndFlush(NIOAny(HTTPServerResponsePart.end(trailers.map(HTTPHeaders.init))), promise: promise)
+            let written = promise.futureResult
             if closes {
                 written.whenComplete { _ in handler.value.close(context: context.value) }
             }

@@ -70,7 +70,8 @@ struct HTTPListener: Sendable {
                 bodyLimit: bodyLimit,
                 idleTimeout: idleTimeout,
                 secure: tls != nil,
-                connections: connections
+                connections: connections,
+                logger: logger
             )
         )
     }
@@ -81,6 +82,8 @@ final class ConnectionSet: Sendable {
     private struct State {
         var open: [ObjectIdentifier: @Sendable () -> Void] = [:]
         var waiters: [CheckedContinuation<Void, Never>] = []
+        /// Stopping for good: a connection that arrives now is stopped at once.
+        var aborted = false
     }
 
     private let state = Mutex(State())
@@ -88,7 +91,11 @@ final class ConnectionSet: Sendable {
     /// `id` names the connection's channel (taken while it is open: a closed channel's context answers with a
     /// stand-in).
     func insert(_ id: ObjectIdentifier, abort: @escaping @Sendable () -> Void) {
-        state.withLock { $0.open[id] = abort }
+        let aborted = state.withLock { state in
+            state.open[id] = abort
+            return state.aborted
+        }
+        if aborted { abort() }
     }
 
     func remove(_ id: ObjectIdentifier) {
@@ -102,7 +109,11 @@ final class ConnectionSet: Sendable {
     }
 
     func abortAll() {
-        for abort in state.withLock({ Array($0.open.values) }) { abort() }
+        let all = state.withLock { state in
+            state.aborted = true
+            return Array(state.open.values)
+        }
+        for abort in all { abort() }
     }
 
     /// Returns once no connection is open.
