@@ -6,8 +6,9 @@ import NIOHTTP1
 import NIOHTTPTypesHTTP1
 
 /// Serves one client connection, one request at a time (NIO's `HTTPServerPipelineHandler` in front holds back a
-/// pipelined request until the answer before it is written). The request is read whole here, on the event loop;
-/// one task per request runs the responder; its answer is written back from here. An async channel per connection
+/// pipelined request until the answer before it is written). A chat request is read whole here, on the event loop
+/// (any other request is answered from its head, see `readsBody`); one task per request runs the responder; its
+/// answer is written back from here. An async channel per connection
 /// instead hands every request part and every written part across a task boundary, which cost the bridge about
 /// 70 µs per request at concurrency 1 (docs/PERFORMANCE.md, change 7).
 ///
