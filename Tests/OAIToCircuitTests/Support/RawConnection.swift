@@ -35,6 +35,11 @@ final class RawConnection {
         inbound = channel.inbound.makeAsyncIterator()
     }
 
+    /// NIO requires the writer to be finished before it goes (a debug build stops otherwise).
+    deinit {
+        channel.outbound.finish()
+    }
+
     func send(_ text: String) async throws {
         try await channel.outbound.write(ByteBuffer(string: text))
     }
