@@ -131,18 +131,7 @@ final class ConnectionSet: Sendable {
 
 /// The `Date` header's value (RFC 9110's IMF-fixdate), formatted once a second.
 enum HTTPDate {
-    static func now() -> String {
-        let now = time(nil)
-        if let cached = last.withLock({ $0.second == now ? $0.text : nil }) { return cached }
-        var seconds = now
-        var parts = tm()
-        gmtime_r(&seconds, &parts)
-        var buffer = [CChar](repeating: 0, count: 40)
-        let count = strftime(&buffer, buffer.count, "%a, %d %b %Y %H:%M:%S GMT", &parts)
-        let text = String(decoding: buffer.prefix(count).map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        last.withLock { $0 = (now, text) }
-        return text
-    }
+    static func now() -> String { stamp.now() }
 
-    private static let last = Mutex<(second: time_t, text: String)>((-1, ""))
+    private static let stamp = SecondStamp(format: "%a, %d %b %Y %H:%M:%S GMT")
 }

@@ -90,18 +90,29 @@ public struct LineLogHandler: LogHandler {
     var output: Int32 = STDERR_FILENO
 
     /// The UTC time to the second, formatted once per second (every log line needs it).
-    private static func timestamp() -> String {
+    private static func timestamp() -> String { stamp.now() }
+
+    private static let stamp = SecondStamp(format: "%Y-%m-%dT%H:%M:%SZ")
+}
+
+/// The current UTC time in a `strftime` format, formatted at most once a second (a log line's timestamp, an HTTP
+/// answer's `Date` header).
+final class SecondStamp: Sendable {
+    private let format: String
+    private let last = Mutex<(second: time_t, text: String)>((-1, ""))
+
+    init(format: String) { self.format = format }
+
+    func now() -> String {
         let now = time(nil)
-        if let cached = lastTimestamp.withLock({ $0.second == now ? $0.text : nil }) { return cached }
+        if let cached = last.withLock({ $0.second == now ? $0.text : nil }) { return cached }
         var seconds = now
         var parts = tm()
         gmtime_r(&seconds, &parts)
-        var buffer = [CChar](repeating: 0, count: 32)
-        let count = strftime(&buffer, buffer.count, "%Y-%m-%dT%H:%M:%SZ", &parts)
+        var buffer = [CChar](repeating: 0, count: 40)
+        let count = strftime(&buffer, buffer.count, format, &parts)
         let text = String(decoding: buffer.prefix(count).map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        lastTimestamp.withLock { $0 = (now, text) }
+        last.withLock { $0 = (now, text) }
         return text
     }
-
-    private static let lastTimestamp = Mutex<(second: time_t, text: String)>((-1, ""))
 }
