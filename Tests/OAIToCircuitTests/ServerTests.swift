@@ -1,6 +1,9 @@
 import CircuitFakes
 import Foundation
+import HTTPTypes
 import NIOCore
+import NIOHTTP1
+import NIOHTTPTypesHTTP1
 import ServiceLifecycle
 import Testing
 
@@ -170,8 +173,10 @@ import Testing
 
     @Test func anIdleConnectionIsClosedButNotWhileItsAnswerIsMade() async throws {
         var settings = FakeCircuit.Settings()
-        settings.headerDelay = .milliseconds(700)
-        try await Harness.with(circuitSettings: settings, connectionIdleTimeout: .milliseconds(300)) {
+        settings.headerDelay = .milliseconds(1_600)
+        // Long enough that a loaded machine sends each request well inside it: a close while a request's bytes are
+        // arriving unread is a reset, not the clean close this test looks for.
+        try await Harness.with(circuitSettings: settings, connectionIdleTimeout: .seconds(1)) {
             harness async throws in
             let connection = try await RawConnection(port: harness.httpPort!)
             // Circuit takes longer than the idle timeout to answer: the connection stays for the answer.
@@ -209,5 +214,52 @@ import Testing
             await harness.recorder.usage.wait { $0.contains { $0.clientDisconnected } }
             await harness.circuit.openGate()
         }
+    }
+}
+
+/// What the server and the responder read from a request's head before anything else: the path, the request as
+/// HTTP's types hold it, and the subkey.
+@Suite struct RequestHeadTests {
+    @Test func thePathIsReadFromEveryFormOfTarget() {
+        #expect(ExchangeHandler.path(of: "/v1/chat/completions") == "/v1/chat/completions")
+        #expect(ExchangeHandler.path(of: "/v1/chat/completions?api-version=1#x") == "/v1/chat/completions")
+        #expect(ExchangeHandler.path(of: "http://bridge:12000/v1/chat/completions?x") == "/v1/chat/completions")
+        #expect(ExchangeHandler.path(of: "http://bridge") == "")
+        #expect(ExchangeHandler.path(of: "*") == "*")
+        #expect(ExchangeHandler.path(of: "/v1/mödels/é?q") == "/v1/mödels/é")
+    }
+
+    @Test func anOriginFormTargetIsKeptAsItIs() throws {
+        for target in ["/v1/chat/completions?a=1&b=%20", "//elsewhere/v1", "/a b", "/%zz", "/v1/mödels"] {
+            var head = HTTPRequestHead(version: .http1_1, method: .POST, uri: target)
+            head.headers.add(name: "Host", value: "bridge")
+            head.headers.add(name: "Authorization", value: "Bearer k")
+            let request = try ExchangeHandler.request(head, secure: true)
+            // As NIO's own conversion has it.
+            let reference = try HTTPRequest(head, secure: true, splitCookie: false)
+            #expect(request == reference, "\(target)")
+            #expect(request.path == target && request.scheme == "https" && request.authority == "bridge")
+        }
+        let absolute = HTTPRequestHead(version: .http1_1, method: .GET, uri: "http://bridge/health?x")
+        #expect(try ExchangeHandler.request(absolute, secure: false).path == "/health?x")
+    }
+
+    @Test func theSubkeyIsReadFromEitherHeader() {
+        func subkey(_ fields: [(HTTPField.Name, String)]) -> String? {
+            BridgeResponder.subkey(in: HTTPFields(fields.map { HTTPField(name: $0.0, value: $0.1) }))
+        }
+        #expect(subkey([(.authorization, "Bearer sk-1")]) == "sk-1")
+        #expect(subkey([(.authorization, " \tbEaReR \t sk-1 \t")]) == "sk-1")
+        #expect(subkey([(.authorization, "Bearer\tsk-1")]) == "sk-1")
+        #expect(subkey([(.authorization, "Bearer ключ€")]) == "ключ€")
+        #expect(subkey([(.authorization, "Bearer a b")]) == "a b")
+        #expect(subkey([(.authorization, "Bearer")]) == nil)
+        #expect(subkey([(.authorization, "Bearer   ")]) == nil)
+        #expect(subkey([(.authorization, "Bearerx sk-1")]) == nil)
+        #expect(subkey([(.authorization, "Basic c2stMQ==")]) == nil)
+        #expect(subkey([(.authorization, "Bèarer sk-1")]) == nil)
+        #expect(subkey([(.xBridgeSubkey, "  sk-2 "), (.authorization, "Bearer sk-1")]) == "sk-2")
+        #expect(subkey([(.xBridgeSubkey, " \t "), (.authorization, "Bearer sk-1")]) == "sk-1")
+        #expect(subkey([]) == nil)
     }
 }

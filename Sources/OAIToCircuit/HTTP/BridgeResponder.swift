@@ -174,20 +174,25 @@ public struct BridgeResponder: Sendable {
     }
 
     static func subkey(in headers: HTTPFields) -> String? {
-        if let header = headers[.xBridgeSubkey], let subkey = trimmed(Substring(header)) { return subkey }
+        if let header = headers[.xBridgeSubkey], let subkey = trimmed(Substring(header)) { return String(subkey) }
         guard let authorization = headers[.authorization], let value = trimmed(Substring(authorization)),
-            let space = value.firstIndex(where: { $0 == " " || $0 == "\t" }),
-            value[..<space].lowercased() == "bearer"
+            let space = value.utf8.firstIndex(where: isBlank),
+            value.utf8[..<space].elementsEqual("bearer".utf8, by: { $0 | 0x20 == $1 }),
+            let key = trimmed(value[space...])
         else { return nil }
-        return trimmed(value[space...])
+        return String(key)
     }
 
-    /// Without spaces and tabs at either end; `nil` when nothing is left. (Foundation's trimming showed in profiles.)
-    private static func trimmed(_ text: Substring) -> String? {
-        let isBlank: (Character) -> Bool = { $0 == " " || $0 == "\t" }
-        guard let first = text.firstIndex(where: { !isBlank($0) }), let last = text.lastIndex(where: { !isBlank($0) })
+    private static func isBlank(_ byte: UInt8) -> Bool { byte == UInt8(ascii: " ") || byte == UInt8(ascii: "\t") }
+
+    /// Without spaces and tabs at either end; `nil` when nothing is left. Byte by byte: Foundation's trimming, then
+    /// `Character`s, showed in profiles.
+    private static func trimmed(_ text: Substring) -> Substring? {
+        let bytes = text.utf8
+        guard let first = bytes.firstIndex(where: { !isBlank($0) }), let last = bytes.lastIndex(where: { !isBlank($0) })
         else { return nil }
-        return String(text[first...last])
+        // Both ends are next to ASCII blanks (or the text's ends), so they fall between characters.
+        return text[first..<bytes.index(after: last)]
     }
 
     private func recordRefusal(_ error: BridgeError, exchange: Exchange) async {
