@@ -67,6 +67,40 @@ import Testing
         }
     }
 
+    @Test func aChatRequestWithAnUnknownSubkeyIsRefusedBeforeItsBody() async throws {
+        try await Harness.with { harness async throws in
+            let connection = try await RawConnection(port: harness.httpPort!)
+            let body = Harness.chatBody()
+            // The subkey is checked while the body has still to come: the refusal does not wait for it.
+            try await connection.send(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: b\r\nAuthorization: Bearer not-a-key\r\n"
+                    + "Content-Length: \(body.utf8.count)\r\n\r\n"
+            )
+            let refused = try #require(try await connection.response())
+            #expect(refused.status == 403 && refused.body.contains("unauthorized_subkey"))
+            // The body, when it comes, is dropped, and the connection serves on.
+            try await connection.send(body + Self.health)
+            #expect(try await connection.response()?.status == 200)
+            await connection.close()
+            #expect(await harness.circuit.requests.count == 0)
+        }
+    }
+
+    @Test func aBodyCutShortIsRefusedOnceTheClientStopsSending() async throws {
+        try await Harness.with { harness async throws in
+            let connection = try await RawConnection(port: harness.httpPort!)
+            let request = Self.chat(Harness.chatBody())
+            try await connection.send(String(request.dropLast(5)))
+            // The client sends no more (half-close): the request cannot be whole. HTTP's parser answers it (a bare
+            // 400) and the connection closes; the responder, waiting for the body, is told and sends nothing to Circuit.
+            connection.finishSending()
+            let refused = try #require(try await connection.response())
+            #expect(refused.status == 400 && refused.header("connection") == "close")
+            #expect(try await connection.closesWithoutMore())
+            #expect(await harness.circuit.requests.count == 0)
+        }
+    }
+
     @Test func anOversizedBodyIsRefusedBeforeItIsSentAndTheConnectionServesOn() async throws {
         try await Harness.with(environment: ["MAX_REQUEST_BYTES": "100"]) { harness async throws in
             let connection = try await RawConnection(port: harness.httpPort!)

@@ -1,23 +1,37 @@
 import NIOCore
 
 /// What the bridge knows of a request beyond its head: the socket peer, the connection, and the body as the
-/// server read it.
+/// server reads it.
 public struct BridgeRequestContext: Sendable {
     public let remoteAddress: SocketAddress?
     /// The client's connection, so a long stream can notice that it has gone.
     let channel: any Channel
-    /// The whole body, read by the server before the request is answered; empty when it was too large.
-    let body: ByteBuffer
-    /// The body passed the server's limit (`MAX_REQUEST_BYTES`), by its announced length or by the bytes read.
-    let bodyTooLarge: Bool
+    /// The body, still arriving when the responder starts (only a chat request's is read).
+    let body: RequestBody
 
-    init(remoteAddress: SocketAddress?, channel: any Channel, body: ByteBuffer, bodyTooLarge: Bool) {
+    init(remoteAddress: SocketAddress?, channel: any Channel, body: RequestBody) {
         self.remoteAddress = remoteAddress
         self.channel = channel
         self.body = body
-        self.bodyTooLarge = bodyTooLarge
     }
 
     /// The peer's IP address without its port, `""` when unknown (a Unix socket, or a closed channel).
     var clientAddress: String { remoteAddress?.ipAddress ?? "" }
+}
+
+/// A request's body as the server reads it. A chat request is handed to the responder from its head, so its subkey
+/// is checked while the body arrives, and a refused client's body is never held; the body is awaited only after.
+enum RequestBody: Sendable {
+    /// Not read: the route takes no body (whatever the client sends is dropped).
+    case none
+    /// Whole once the request ends. Fails with 413 `request_too_large` once it passes `MAX_REQUEST_BYTES` (by its
+    /// announced length or by the bytes read), with 400 `invalid_request` when the client stops sending halfway.
+    case arriving(EventLoopFuture<ByteBuffer>)
+
+    func collect() async throws -> ByteBuffer {
+        switch self {
+        case .none: ByteBuffer()
+        case .arriving(let body): try await body.get()
+        }
+    }
 }

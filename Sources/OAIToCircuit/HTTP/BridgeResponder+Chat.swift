@@ -12,9 +12,8 @@ extension BridgeResponder {
 
     func chat(_ request: Request, context: Context, exchange: inout Exchange) async throws -> Response {
         let caller = try await authorize(request, exchange: &exchange)
-        // The server read the body whole, up to the limit, before this ran.
-        guard !context.bodyTooLarge else { throw BridgeError.requestTooLarge(limit: bridge.configuration.maxRequestBytes) }
-        let chat = try ChatRequest.parse(context.body, appKey: bridge.configuration.appKey)
+        // Awaited only once the caller is known: a refused client's body is dropped as it arrives, never held.
+        let chat = try ChatRequest.parse(try await context.body.collect(), appKey: bridge.configuration.appKey)
         exchange.model = chat.model
         let admission = try await bridge.policy.admit(caller, model: chat.model)
 

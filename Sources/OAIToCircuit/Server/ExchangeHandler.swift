@@ -6,16 +6,17 @@ import NIOHTTP1
 import NIOHTTPTypesHTTP1
 
 /// Serves one client connection, one request at a time (NIO's `HTTPServerPipelineHandler` in front holds back a
-/// pipelined request until the answer before it is written). A chat request is read whole here, on the event loop
-/// (any other request is answered from its head, see `readsBody`); one task per request runs the responder; its
-/// answer is written back from here. An async channel per connection
+/// pipelined request until the answer before it is written). One task per request runs the responder, started from
+/// the request's head; a chat request's body is read here, on the event loop, and handed to it whole (any other
+/// request's body is dropped, see `readsBody`); the answer is written back from here. An async channel per connection
 /// instead hands every request part and every written part across a task boundary, which cost the bridge about
 /// 70 µs per request at concurrency 1 (docs/PERFORMANCE.md, change 7).
 ///
 /// A body over `bodyLimit` is not kept: the responder is told it is too large (the chat route answers 413 at once,
 /// as soon as the announced length or the bytes read pass the limit), and the rest is read and dropped, so the
-/// connection can serve the next request. A connection that stays silent for `idleTimeout` between requests, or while
-/// a request is being read, is closed; while an answer is being made it is not (Circuit's own timeout bounds that).
+/// connection can serve the next request; so is the body of a request answered before it is read (a refused subkey).
+/// A connection that stays silent for `idleTimeout` between requests, or while a request's body is being read, is
+/// closed; while an answer is being made it is not (Circuit's own timeout bounds that).
 final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
@@ -23,9 +24,7 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
     private enum State {
         /// Between requests.
         case idle
-        /// Reading a request's body, to hand the request over whole.
-        case reading(HTTPRequestHead, ByteBuffer)
-        /// The responder has the request. Until `requestEnded`, the rest of an oversized body is read and dropped.
+        /// The responder has the request. Until `requestEnded`, its body is read (`arriving`), or dropped.
         case answering(requestEnded: Bool, closeAfter: Bool)
         /// The answer is written; the rest of an oversized request is dropped until its end.
         case draining(closeAfter: Bool)
@@ -55,6 +54,8 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var connectionID: ObjectIdentifier?
     /// The last answer's end, written or on its way: a close waits for it, since closing drops what is not yet out.
     private var lastEnd: EventLoopFuture<Void>?
+    /// The body of the request being answered, while it arrives, and the responder's promise of it.
+    private var arriving: (body: ByteBuffer, promise: EventLoopPromise<ByteBuffer>)?
 
     init(
         responder: BridgeResponder,
@@ -86,6 +87,7 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
     func handlerRemoved(context: ChannelHandlerContext) {
         idleCheck?.cancel()
         idleCheck = nil
+        abandonBody()
         // Also for a channel closed before it ever became active (no `channelInactive` then).
         state = .closed
         if answers.isEmpty { leave() }
@@ -94,6 +96,7 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
     func channelInactive(context: ChannelHandlerContext) {
         idleCheck?.cancel()
         idleCheck = nil
+        abandonBody()
         state = .closed
         // An answer in progress finishes on its own (a stream notices through `ClientHangUpHandler`).
         if answers.isEmpty { leave() }
@@ -106,14 +109,15 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
         case (.head(let head), .idle):
             guard readsBody(of: head) else {
                 // Answered from its head; whatever body it has is dropped.
-                dispatch(head, body: ByteBuffer(), tooLarge: false, requestEnded: false, context: context)
+                dispatch(head, body: .none, context: context)
                 return
             }
             let announced = head.headers.first(name: "content-length").flatMap { Int($0) }
             let expectsContinue = head.headers.first(name: "expect")?.lowercased() == "100-continue"
             if let announced, announced > bodyLimit {
                 // A client waiting for `100 Continue` sends no body after the refusal: its request is over.
-                dispatch(head, body: ByteBuffer(), tooLarge: true, requestEnded: expectsContinue, context: context)
+                let refused: EventLoopFuture<ByteBuffer> = context.eventLoop.makeFailedFuture(tooLarge)
+                dispatch(head, body: .arriving(refused), withheld: expectsContinue, context: context)
                 return
             }
             if expectsContinue, head.version.minor >= 1 {  // HTTP/1.0 clients know no `100 Continue`
@@ -121,20 +125,25 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
                 context.writeAndFlush(wrapOutboundOut(.head(proceed)), promise: nil)
             }
             // Reserve what the client announced, but not much: announcing costs it nothing.
-            state = .reading(head, context.channel.allocator.buffer(capacity: min(announced ?? 0, 64 << 10)))
-        case (.body(var part), .reading(let head, var body)):
-            guard body.readableBytes + part.readableBytes <= bodyLimit else {
-                dispatch(head, body: ByteBuffer(), tooLarge: true, requestEnded: false, context: context)
-                return
+            let promise = context.eventLoop.makePromise(of: ByteBuffer.self)
+            arriving = (context.channel.allocator.buffer(capacity: min(announced ?? 0, 64 << 10)), promise)
+            dispatch(head, body: .arriving(promise.futureResult), context: context)
+        case (.body(var part), .answering):
+            guard var body = arriving else { break }  // a body not read, or one past the limit
+            arriving = nil  // leaves the buffer with one reference, so appending does not copy it
+            guard body.body.readableBytes + part.readableBytes <= bodyLimit else {
+                body.promise.fail(tooLarge)
+                break
             }
-            state = .idle  // lets `body` be the buffer's only reference, so appending does not copy it
-            body.writeBuffer(&part)
-            state = .reading(head, body)
-        case (.end, .reading(let head, let body)):
-            dispatch(head, body: body, tooLarge: false, requestEnded: true, context: context)
-        case (.body, .answering), (.body, .draining):
-            break  // the rest of an oversized body
+            body.body.writeBuffer(&part)
+            arriving = body
+        case (.body, .draining):
+            break  // the rest of a body the answer did not wait for
         case (.end, .answering(_, let closeAfter)):
+            if let (body, promise) = arriving {
+                arriving = nil
+                promise.succeed(body)
+            }
             state = .answering(requestEnded: true, closeAfter: closeAfter)
         case (.end, .draining(let closeAfter)):
             if closeAfter {
@@ -154,14 +163,15 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if case ChannelEvent.inputClosed = event {
             switch state {
-            case .idle, .reading, .draining:
-                // Nothing more will come: a request half read is abandoned, as is an idle connection.
+            case .idle, .draining:
+                // Nothing more will come: a request half dropped is abandoned, as is an idle connection.
                 close(context: context)
             case .closing:
                 break
             case .answering:
-                // A client may half-close once it has sent its request: it still gets the answer, then the
-                // connection closes.
+                // A client may half-close once it has sent its request: it still gets the answer (a body cut short
+                // is refused with 400), then the connection closes.
+                abandonBody()
                 state = .answering(requestEnded: true, closeAfter: true)
             case .closed:
                 break
@@ -214,29 +224,28 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
         )
     }
 
-    /// Hands the request to the responder. Until `requestEnded`, the rest of its body is read and dropped
-    /// meanwhile: a body too large is not passed on, and the client, still sending, reads the refusal rather than a
-    /// reset. A request that ended without its body (a client waiting for `100 Continue`) closes the connection.
+    /// Hands the request to the responder from its head. Until the request ends, its body is read meanwhile (when
+    /// `body` is arriving), or dropped: a body too large is not passed on, and the client, still sending, reads the
+    /// refusal rather than a reset. `withheld`: the client waits for a `100 Continue` it was refused, so it sends no
+    /// body and its request is over; the connection closes after the answer.
     private func dispatch(
         _ head: HTTPRequestHead,
-        body: ByteBuffer,
-        tooLarge: Bool,
-        requestEnded: Bool,
+        body: RequestBody,
+        withheld: Bool = false,
         context: ChannelHandlerContext
     ) {
-        let withheld = tooLarge && requestEnded
         let closeAfter = withheld || !head.isKeepAlive
-        state = .answering(requestEnded: requestEnded, closeAfter: closeAfter)
+        state = .answering(requestEnded: withheld, closeAfter: closeAfter)
         exchanges += 1
         let number = exchanges
         let request: Request
         do {
             guard head.method != .CONNECT else { throw BridgeError.malformedRequest }
-            request = Request(head: try Self.request(head, secure: secure), body: .init(buffer: body))
+            request = Request(head: try Self.request(head, secure: secure), body: .init(buffer: ByteBuffer()))
         } catch {
             // CONNECT (a proxy's method: NIO's encoder would frame its answer as a tunnel), or a method HTTP's types
             // refuse.
-            state = .answering(requestEnded: requestEnded, closeAfter: true)
+            state = .answering(requestEnded: withheld, closeAfter: true)
             let exchange = ExchangeWriter(
                 handler: self,
                 context: context,
@@ -257,8 +266,7 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
         let requestContext = BridgeRequestContext(
             remoteAddress: context.channel.remoteAddress,
             channel: context.channel,
-            body: body,
-            bodyTooLarge: tooLarge
+            body: body
         )
         let responder = self.responder
         answers[number] = Task {
@@ -270,6 +278,8 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// writing the end lets the pipeline handler deliver the next request at once, re-entering `channelRead`.
     /// `mustClose`: the answer itself ends only with the connection (a stream over HTTP/1.0).
     fileprivate func answerEnding(mustClose: Bool) -> Bool {
+        // An answer that did not wait for the body (a refused subkey): the rest of it is dropped.
+        abandonBody()
         guard case .answering(let requestEnded, let closeAfter) = state else {
             if case .closed = state { return true }
             state = .closing
@@ -305,12 +315,21 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
             case .answering:
                 // The end was never written: the client cannot tell where this answer stops, so the connection goes.
                 close(context: context)
-            case .idle, .reading, .draining, .closing:
+            case .idle, .draining, .closing:
                 if !complete { close(context: context) }
             }
         }
         if case .closed = state, answers.isEmpty { leave() }
     }
+
+    /// The body still arriving is not wanted any more, or will never be whole: its promise is kept with a 400.
+    private func abandonBody() {
+        guard let (_, promise) = arriving else { return }
+        arriving = nil
+        promise.fail(BridgeError.malformedRequest)
+    }
+
+    private var tooLarge: BridgeError { .requestTooLarge(limit: bodyLimit) }
 
     private func leave() {
         if let connectionID { connections.remove(connectionID) }
@@ -352,9 +371,9 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
         switch state {
         case .closed, .closing:
             return
-        case .answering:
+        case .answering where arriving == nil:
             lastActivity = .now()  // an answer in progress is not idleness; count from now
-        case .idle, .reading, .draining:
+        case .idle, .answering, .draining:
             if NIODeadline.now() >= lastActivity + idleTimeout {
                 close(context: context)
                 return
