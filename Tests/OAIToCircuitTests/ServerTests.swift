@@ -155,6 +155,34 @@ import Testing
         }
     }
 
+    @Test func http10KnowsNoContinue() async throws {
+        try await Harness.with { harness async throws in
+            let connection = try await RawConnection(port: harness.httpPort!)
+            let body = Harness.chatBody()
+            // An HTTP/1.0 client sends its body at once: `100 Continue` would be read as its answer.
+            try await connection.send(
+                "POST /v1/chat/completions HTTP/1.0\r\nAuthorization: Bearer \(Harness.subkey)\r\n"
+                    + "Expect: 100-continue\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)"
+            )
+            let answer = try #require(try await connection.response())
+            #expect(answer.status == 200 && answer.body.contains("chat.completion"))
+            #expect(try await connection.closesWithoutMore())
+        }
+    }
+
+    @Test func connectIsRefusedAndTheConnectionClosed() async throws {
+        try await Harness.with { harness async throws in
+            let connection = try await RawConnection(port: harness.httpPort!)
+            // A proxy's method: the bridge is no proxy. An answer to CONNECT has no body (HTTP's encoder drops it:
+            // the client would read whatever follows as the tunnel's), so only its status tells, and the connection
+            // closes.
+            try await connection.send("CONNECT circuit.example:443 HTTP/1.1\r\nHost: circuit.example:443\r\n\r\n")
+            let refused = try #require(try await connection.response())
+            #expect(refused.status == 400 && refused.header("connection") == "close")
+            #expect(try await connection.closesWithoutMore())
+        }
+    }
+
     @Test func http10WithoutKeepAliveIsAnsweredThenClosed() async throws {
         try await Harness.with { harness async throws in
             let connection = try await RawConnection(port: harness.httpPort!)
