@@ -101,6 +101,25 @@ import Testing
         }
     }
 
+    @Test func aChatBodyHTTPCannotParseIsAnsweredOnce() async throws {
+        try await Harness.with { harness async throws in
+            for _ in 0..<20 {
+                let connection = try await RawConnection(port: harness.httpPort!)
+                // The request is with its task (it waits for the body) when the chunked body turns out malformed:
+                // HTTP's error handler answers 400, and the task, told, writes nothing after it.
+                try await connection.send(
+                    "POST /v1/chat/completions HTTP/1.1\r\nHost: b\r\nAuthorization: Bearer \(Harness.subkey)\r\n"
+                        + "Transfer-Encoding: chunked\r\n\r\n5\r\n{\"mod\r\nzz\r\n"
+                )
+                let refused = try #require(try await connection.response())
+                #expect(refused.status == 400 && refused.header("connection") == "close")
+                #expect(try await connection.closesWithoutMore())
+            }
+            #expect(try await harness.request(.GET, "/health").status == 200)
+            #expect(await harness.circuit.requests.count == 0)
+        }
+    }
+
     @Test func anOversizedBodyIsRefusedBeforeItIsSentAndTheConnectionServesOn() async throws {
         try await Harness.with(environment: ["MAX_REQUEST_BYTES": "100"]) { harness async throws in
             let connection = try await RawConnection(port: harness.httpPort!)

@@ -56,6 +56,11 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var lastEnd: EventLoopFuture<Void>?
     /// The body of the request being answered, while it arrives, and the responder's promise of it.
     private var arriving: (body: ByteBuffer, promise: EventLoopPromise<ByteBuffer>)?
+    /// The last exchange whose answer has its head written.
+    private var headWritten = 0
+    /// An exchange that HTTP's error handler in front answered (400: its body could not be parsed) before its task
+    /// wrote anything: the task must write nothing, since a second answer to one request would break the framing.
+    private var answeredInFront = 0
 
     init(
         responder: BridgeResponder,
@@ -181,11 +186,19 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        // Parse errors were answered (400) by the protocol error handler in front; anything else (a failed TLS
-        // handshake, a reset) ends the connection. Only the error's type is logged: it cannot carry a secret.
+        // Parse errors were answered (400) by the protocol error handler in front, unless an answer had begun;
+        // anything else (a failed TLS handshake, a reset) ends the connection. Only the error's type is logged: it
+        // cannot carry a secret.
         logger.debug("connection error", metadata: ["error": "\(type(of: error))"])
+        if error is HTTPParserError, headWritten != exchanges { answeredInFront = exchanges }
+        abandonBody()
         close(context: context)
     }
+
+    /// Whether exchange `number`'s task may still write to the connection.
+    fileprivate func mayWrite(_ number: Int) -> Bool { number != answeredInFront }
+
+    fileprivate func writingHead(_ number: Int) { headWritten = number }
 
     // MARK: Answering
 
@@ -413,7 +426,9 @@ struct ExchangeWriter: Sendable {
         let response = answer.response
         let streamed = response.body.contentLength == nil
         let head = self.head(of: response, streamed: streamed)
-        _ = onLoop { [context] in
+        _ = onLoop { [handler, context, number] in
+            guard handler.value.mayWrite(number) else { return context.value.eventLoop.makeSucceededVoidFuture() }
+            handler.value.writingHead(number)
             context.value.write(NIOAny(HTTPServerResponsePart.head(head)), promise: nil)
             if streamed { context.value.flush() }
             return context.value.eventLoop.makeSucceededVoidFuture()
@@ -434,6 +449,7 @@ struct ExchangeWriter: Sendable {
     /// The handler's own refusal, written at once on the event loop.
     func refuse(_ error: BridgeError) {
         let head = self.head(of: error.response(), streamed: false)
+        handler.value.writingHead(number)
         context.value.write(NIOAny(HTTPServerResponsePart.head(head)), promise: nil)
         _ = writePart(ByteBuffer(bytes: error.body), flush: false)
         _ = writeEnd(nil, streamed: false)
@@ -453,8 +469,11 @@ struct ExchangeWriter: Sendable {
     }
 
     fileprivate func writePart(_ buffer: ByteBuffer, flush: Bool) -> EventLoopFuture<Void> {
-        onLoop { [context] in
+        onLoop { [handler, context, number] in
             let context = context.value
+            guard handler.value.mayWrite(number) else {
+                return context.eventLoop.makeFailedFuture(ChannelError.ioOnClosedChannel)
+            }
             if flush { return context.writeAndFlush(NIOAny(HTTPServerResponsePart.body(.byteBuffer(buffer)))) }
             context.write(NIOAny(HTTPServerResponsePart.body(.byteBuffer(buffer))), promise: nil)
             return context.eventLoop.makeSucceededVoidFuture()
@@ -464,7 +483,10 @@ struct ExchangeWriter: Sendable {
     /// The answer's last part; then the connection closes if it must (`streamed` over HTTP/1.0: only the close
     /// tells where such an answer ends).
     fileprivate func writeEnd(_ trailers: HTTPFields?, streamed: Bool) -> EventLoopFuture<Void> {
-        onLoop { [handler, context, version] in
+        onLoop { [handler, context, version, number] in
+            guard handler.value.mayWrite(number) else {
+                return context.value.eventLoop.makeFailedFuture(ChannelError.ioOnClosedChannel)
+            }
             let closes = handler.value.answerEnding(mustClose: streamed && version.minor == 0)
             // Noted before writing: the write can deliver the next request, and a close it causes must wait.
             let promise = context.value.eventLoop.makePromise(of: Void.self)
