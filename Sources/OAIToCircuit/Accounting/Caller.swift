@@ -13,17 +13,21 @@ public struct Caller: Sendable, Equatable, CustomStringConvertible {
     public var friendlyName: String?
     public var email: String?
 
+    /// `digest`: the subkey's, when the caller of this has it already (it is computed otherwise).
     public init(
         subkey: String?,
+        digest: SubkeyDigest? = nil,
         keyID: String? = nil,
         ledgerKey: String? = nil,
         friendlyName: String? = nil,
         email: String? = nil
     ) {
         self.subkey = subkey
-        let digest = subkey.map(SubkeyDigest.init)
+        let digest = digest ?? subkey.map(SubkeyDigest.init)
         self.digest = digest
-        self.keyID = keyID ?? digest?.keyID ?? Self.anonymousKey
+        let subkeyHash = digest?.keyID ?? Self.anonymousKey
+        self.subkeyHash = subkeyHash
+        self.keyID = keyID ?? subkeyHash
         self.ledgerKey = ledgerKey ?? subkey ?? Self.anonymousKey
         self.friendlyName = friendlyName
         self.email = email
@@ -40,7 +44,7 @@ public struct Caller: Sendable, Equatable, CustomStringConvertible {
     public static func hash(_ subkey: String) -> String { SubkeyDigest(subkey).keyID }
 
     /// The hashed subkey of Splunk's `subkey` field: `anonymous` without one.
-    public var subkeyHash: String { digest?.keyID ?? Self.anonymousKey }
+    public let subkeyHash: String
 
     public var description: String { keyID }
 

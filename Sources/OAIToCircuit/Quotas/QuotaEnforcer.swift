@@ -129,6 +129,7 @@ public final class QuotaEnforcer: SubkeyAuthorizer, AdmissionPolicy {
             guard managed.isActive else { throw .unauthorizedSubkey }
             return Caller(
                 subkey: subkey,
+                digest: digest,
                 keyID: managed.keyID,
                 ledgerKey: managed.keyID,
                 friendlyName: managed.friendlyName,
@@ -141,7 +142,7 @@ public final class QuotaEnforcer: SubkeyAuthorizer, AdmissionPolicy {
             if entry?.isRefused == true { throw .unauthorizedSubkey }
             return Caller(
                 subkey: subkey,
-                keyID: digest.keyID,
+                digest: digest,
                 ledgerKey: subkey,
                 friendlyName: entry?.friendlyName,
                 email: entry?.email
@@ -223,6 +224,7 @@ public final class QuotaEnforcer: SubkeyAuthorizer, AdmissionPolicy {
         else { return caller }
         return Caller(
             subkey: caller.subkey,
+            digest: digest,
             keyID: managed.keyID,
             ledgerKey: managed.keyID,
             friendlyName: managed.friendlyName,
