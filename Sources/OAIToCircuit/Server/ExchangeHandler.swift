@@ -54,6 +54,8 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var connectionID: ObjectIdentifier?
     /// The last answer's end, written or on its way: a close waits for it, since closing drops what is not yet out.
     private var lastEnd: EventLoopFuture<Void>?
+    /// Where the answers' tasks run: this connection's event loop.
+    private var taskExecutor: EventLoopTaskExecutor!
     /// The body of the request being answered, while it arrives, and the responder's promise of it.
     private var arriving: (body: ByteBuffer, promise: EventLoopPromise<ByteBuffer>)?
     /// The last exchange whose answer has its head written.
@@ -81,6 +83,7 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     func handlerAdded(context: ChannelHandlerContext) {
         let loop = context.eventLoop
+        taskExecutor = EventLoopTaskExecutor(loop)
         let handler = NIOLoopBound(self, eventLoop: loop)
         let bound = NIOLoopBound(context, eventLoop: loop)
         let id = ObjectIdentifier(context.channel)
@@ -282,7 +285,7 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
             body: body
         )
         let responder = self.responder
-        answers[number] = Task {
+        answers[number] = Task(executorPreference: taskExecutor) {
             await exchange.write(await responder.respond(to: request, context: requestContext))
         }
     }
