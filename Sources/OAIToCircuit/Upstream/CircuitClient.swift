@@ -59,7 +59,7 @@ public struct CircuitClient: Sendable {
         )
         var retried = false
         while true {
-            let token = try await tokens.token()
+            let token = try await tokens.validToken()
             request.head.headers.replaceOrAdd(name: "api-key", value: token)
             let response: UpstreamResponse
             do {

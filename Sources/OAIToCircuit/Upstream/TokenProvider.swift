@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import NIOCore
 import NIOHTTP1
+import Synchronization
 
 /// Circuit's OAuth2 client-credentials access token: fetched on first use, cached, refreshed 60 s before it
 /// expires, with one shared refresh for all requests that need it at the same moment.
@@ -48,7 +49,16 @@ public actor TokenProvider {
     private let timeout: Duration
     private let metrics: BridgeMetrics
     private let logger: Logger
-    private var state = State.empty
+    private var state = State.empty {
+        didSet {
+            let usable: (value: String, refreshAfter: Double)? =
+                if case .valid(let token) = state { (token.value, token.refreshAfter) } else { nil }
+            current.withLock { $0 = usable }
+        }
+    }
+    /// The cached token while it needs no refresh, readable without a hop to the actor: nearly every request
+    /// finds it there (`validToken()`).
+    private nonisolated let current = Mutex<(value: String, refreshAfter: Double)?>(nil)
 
     public init(
         credentials: ClientCredentials?,
@@ -66,6 +76,13 @@ public actor TokenProvider {
         self.timeout = timeout
         self.metrics = metrics
         self.logger = logger
+    }
+
+    /// A valid access token, or `upstream_auth_failed`: the cached one at once, else through the actor.
+    nonisolated func validToken() async throws(BridgeError) -> String {
+        let now = clock.now()
+        if let token = current.withLock({ $0 }), now < token.refreshAfter { return token.value }
+        return try await token()
     }
 
     /// A valid access token, or `upstream_auth_failed`.
