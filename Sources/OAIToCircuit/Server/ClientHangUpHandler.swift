@@ -1,7 +1,7 @@
 import NIOCore
 import Synchronization
 
-/// Tells a stream when its client stops sending (TCP FIN) or disconnects. Hummingbird allows half-closed
+/// Tells a stream when its client stops sending (TCP FIN) or disconnects. The server allows half-closed
 /// connections, so the channel stays active and a stream waiting for Circuit's next chunk would only learn at its
 /// next write that nobody listens, keeping Circuit working for a client that left. A stream registers a callback
 /// with `watch` instead (see `Accounting.relay`); other requests are unaffected, so a client that half-closes after
