@@ -12,6 +12,7 @@ import NIOCore
 /// - `slow-headers`: waits `headerDelay` before answering; streamed, it then behaves as `endless-stream`;
 /// - `slow-stream`: `chunkCount` content chunks, `chunkGap` apart;
 /// - `gated-stream`: the first chunk, then waits for `openGate()` before the rest;
+/// - `late-stream`: the head alone, then waits for `openGate()` before any event;
 /// - `endless-stream`: a chunk every `chunkGap` until the client goes away (at most 10 000);
 /// - `stall-stream`: the first chunk, then silence for `headerDelay`;
 /// - `broken-stream`: the first chunk and half of the next line, then silence for `headerDelay`;
@@ -202,6 +203,7 @@ public final class FakeCircuit: Sendable {
             headers: headers,
             body: ResponseBody { writer in
                 do {
+                    if model == "late-stream" { await gate.wait() }
                     try await writer.write(
                         event(
                             #"{"id": "", "object": "", "created": 0, "model": "", "choices": [], "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]}"#

@@ -189,6 +189,25 @@ import Testing
         }
     }
 
+    @Test func aStreamsHeadIsNotHeldForCircuitsFirstEvent() async throws {
+        try await Harness.with { harness async throws in
+            let connection = try await RawConnection(port: harness.httpPort!)
+            // Circuit sends its head, then nothing until the gate opens: the client has the head meanwhile.
+            try await connection.send(Self.chat(Harness.chatBody(model: "late-stream", stream: true)))
+            let head = try #require(try await connection.response(headOnly: true))
+            #expect(head.status == 200 && head.header("transfer-encoding") == "chunked")
+            // Circuit's events then follow. (Had the head waited for them, it would have come only once the bridge
+            // gave up on Circuit's silence, with an error event instead.)
+            await harness.circuit.openGate()
+            var stream = ""
+            while !stream.contains("[DONE]") {
+                stream = String(decoding: try await connection.unread(atLeast: stream.utf8.count + 1), as: UTF8.self)
+            }
+            #expect(stream.contains("Hello") && !stream.contains("error"))
+            await connection.close()
+        }
+    }
+
     @Test func connectIsRefusedAndTheConnectionClosed() async throws {
         try await Harness.with { harness async throws in
             let connection = try await RawConnection(port: harness.httpPort!)

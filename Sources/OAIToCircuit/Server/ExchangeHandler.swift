@@ -433,7 +433,9 @@ struct ExchangeWriter: Sendable {
             guard handler.value.mayWrite(number) else { return context.value.eventLoop.makeSucceededVoidFuture() }
             handler.value.writingHead(number)
             context.value.write(NIOAny(HTTPServerResponsePart.head(head)), promise: nil)
-            if streamed { context.value.flush() }
+            // A stream's head goes out with its first chunk when Circuit sent that with its own head (the chunk is
+            // written before the loop's next turn), else on that turn: never held for Circuit's first event.
+            if streamed { context.value.eventLoop.execute { context.value.flush() } }
             return context.value.eventLoop.makeSucceededVoidFuture()
         }
         var complete = true

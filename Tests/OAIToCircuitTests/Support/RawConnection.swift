@@ -109,6 +109,12 @@ final class RawConnection {
         return String(decoding: received, as: UTF8.self)
     }
 
+    /// The bytes received and not yet taken, once there are at least `count` of them (they stay unread).
+    func unread(atLeast count: Int) async throws -> [UInt8] {
+        guard try await bytes(until: { $0.count >= count ? 0 : nil }) != nil else { throw RawConnectionError.closedMidBody }
+        return received
+    }
+
     /// Reads until `complete` finds what it needs in the bytes received (returning its answer), or the connection
     /// ends first (`nil`).
     private func bytes(until complete: ([UInt8]) -> Int?) async throws -> Int? {
