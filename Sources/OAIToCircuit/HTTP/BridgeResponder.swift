@@ -191,7 +191,7 @@ public struct BridgeResponder: Sendable {
         let bytes = text.utf8
         guard let first = bytes.firstIndex(where: { !isBlank($0) }), let last = bytes.lastIndex(where: { !isBlank($0) })
         else { return nil }
-        // Both ends are next to ASCII blanks (or the text's ends), so they fall between characters.
+        // Both ends are next to ASCII blanks (or the text's ends), so they fall between Unicode scalars.
         return text[first..<bytes.index(after: last)]
     }
 
