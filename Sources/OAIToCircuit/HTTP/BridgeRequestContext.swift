@@ -20,9 +20,11 @@ public struct BridgeRequestContext: Sendable {
 }
 
 /// A request's body as the server reads it. A chat request is handed to the responder from its head, so its subkey
-/// is checked while the body arrives, and a refused client's body is never held; the body is awaited only after.
+/// is checked while the body arrives, and the body is awaited only after: a refused client's body is dropped once
+/// its refusal is written, not read whole first.
 enum RequestBody: Sendable {
-    /// Not read: the route takes no body (whatever the client sends is dropped).
+    /// Not read: the route takes no body, or the request is refused from its head (a chat request without a
+    /// subkey while one is required). Whatever the client sends is dropped.
     case none
     /// Whole once the request ends. Fails with 413 `request_too_large` once it passes `MAX_REQUEST_BYTES` (by its
     /// announced length or by the bytes read), with 400 `invalid_request` when the client stops sending halfway.

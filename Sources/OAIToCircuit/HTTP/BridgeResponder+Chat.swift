@@ -12,7 +12,7 @@ extension BridgeResponder {
 
     func chat(_ request: Request, context: Context, exchange: inout Exchange) async throws -> Response {
         let caller = try await authorize(request, exchange: &exchange)
-        // Awaited only once the caller is known: a refused client's body is dropped as it arrives, never held.
+        // Awaited only once the caller is known: a refused client's body is dropped once its refusal is written.
         let chat = try ChatRequest.parse(try await context.body.collect(), appKey: bridge.configuration.appKey)
         exchange.model = chat.model
         let admission = try await bridge.policy.admit(caller, model: chat.model)

@@ -12,9 +12,10 @@ import NIOHTTPTypesHTTP1
 /// instead hands every request part and every written part across a task boundary, which cost the bridge about
 /// 70 µs per request at concurrency 1 (docs/PERFORMANCE.md, change 7).
 ///
-/// A body over `bodyLimit` is not kept: the responder is told it is too large (the chat route answers 413 at once,
-/// as soon as the announced length or the bytes read pass the limit), and the rest is read and dropped, so the
-/// connection can serve the next request; so is the body of a request answered before it is read (a refused subkey).
+/// A body over `bodyLimit` is not kept: the responder is told it is too large (the chat route answers 413 once the
+/// subkey is checked, as soon as the announced length or the bytes read pass the limit), and the rest is read and
+/// dropped, so the connection can serve the next request; so is the rest of a body whose answer did not wait for it
+/// (a refused subkey).
 /// A connection that stays silent for `idleTimeout` between requests, or while a request's body is being read, is
 /// closed; while an answer is being made it is not (Circuit's own timeout bounds that).
 final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
@@ -26,7 +27,8 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
         case idle
         /// The responder has the request. Until `requestEnded`, its body is read (`arriving`), or dropped.
         case answering(requestEnded: Bool, closeAfter: Bool)
-        /// The answer is written; the rest of an oversized request is dropped until its end.
+        /// The answer is written; the rest of the request (a body too large, or one the answer did not wait for) is
+        /// dropped until its end.
         case draining(closeAfter: Bool)
         /// The last answer's end is written and the connection closes once it is out; whatever arrives meanwhile
         /// (a pipelined request after `Connection: close`) is dropped.
@@ -353,8 +355,10 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     /// Closes the connection once the last answer's end is out (closing drops writes still queued).
+    /// A client that stops reading holds the end back: after `idleTimeout` the connection closes anyway.
     fileprivate func close(context: ChannelHandlerContext) {
         if case .closed = state { return }
+        abandonBody()
         if case .answering = state {
             state = .answering(requestEnded: true, closeAfter: true)
         } else {
@@ -362,7 +366,11 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
         guard let lastEnd else { return context.close(promise: nil) }
         let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
-        lastEnd.whenComplete { _ in bound.value.close(promise: nil) }
+        let overdue = context.eventLoop.scheduleTask(in: idleTimeout) { bound.value.close(promise: nil) }
+        lastEnd.whenComplete { _ in
+            overdue.cancel()  // else it would hold the connection for the whole timeout
+            bound.value.close(promise: nil)
+        }
     }
 
     /// The listener is stopping for good: the answer in progress is cancelled and the connection closed.
@@ -433,8 +441,8 @@ struct ExchangeWriter: Sendable {
             guard handler.value.mayWrite(number) else { return context.value.eventLoop.makeSucceededVoidFuture() }
             handler.value.writingHead(number)
             context.value.write(NIOAny(HTTPServerResponsePart.head(head)), promise: nil)
-            // A stream's head goes out with its first chunk when Circuit sent that with its own head (the chunk is
-            // written before the loop's next turn), else on that turn: never held for Circuit's first event.
+            // A stream's head can go out with its first chunk when Circuit sent that with its own head (if the chunk
+            // is written before the loop's next turn), else it goes on that turn: never held for Circuit's first event.
             if streamed { context.value.eventLoop.execute { context.value.flush() } }
             return context.value.eventLoop.makeSucceededVoidFuture()
         }
