@@ -263,6 +263,12 @@ import Testing
         #expect(PeriodCalendar.month(parsing: "2024-13") == nil)
         #expect(PeriodCalendar.timestamp(1_795_945_845.5) == "2026-11-29T09:50:45.500000Z")
         #expect(PeriodCalendar.timestamp(0) == "1970-01-01T00:00:00.000000Z")
+        #expect(PeriodCalendar.timestamp(-0.000_001) == "1969-12-31T23:59:59.999999Z")
+        #expect(PeriodCalendar.timestamp(4_102_444_799.25) == "2099-12-31T23:59:59.250000Z")
+        // Padding: short years and single-digit parts; a five-digit year keeps all its digits.
+        #expect(PeriodCalendar.dayString(PeriodCalendar.days(year: 999, month: 1, day: 5)) == "0999-01-05")
+        #expect(PeriodCalendar.monthString(10_000 * 12 + 8) == "10000-09")
+        #expect(PeriodCalendar.dayString(PeriodCalendar.days(year: 12_345, month: 11, day: 30)) == "12345-11-30")
         for sample in stride(from: -800_000, to: 800_000, by: 997) {
             let (year, month, dayOfMonth) = PeriodCalendar.civil(sample)
             #expect(PeriodCalendar.days(year: year, month: month, day: dayOfMonth) == sample)

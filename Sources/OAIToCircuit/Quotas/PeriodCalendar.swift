@@ -31,13 +31,16 @@ public enum PeriodCalendar {
 
     /// `YYYY-MM-DD`.
     public static func dayString(_ day: Int) -> String {
-        let (year, month, dayOfMonth) = civil(day)
-        return "\(padded(year, 4))-\(padded(month, 2))-\(padded(dayOfMonth, 2))"
+        formatted(capacity: 15) { digits in digits.date(day) }
     }
 
     /// `YYYY-MM`, as the earlier bridge's `monthly_usage.usage_month`.
     public static func monthString(_ month: Int) -> String {
-        "\(padded(month / 12, 4))-\(padded(month % 12 + 1, 2))"
+        formatted(capacity: 15) { digits in
+            digits.number(month / 12, width: 4)
+            digits.byte("-")
+            digits.number(month % 12 + 1, width: 2)
+        }
     }
 
     /// ISO 8601 in UTC with microseconds, as Splunk events carry it: `2026-11-29T10:30:45.123456Z`.
@@ -47,8 +50,18 @@ public enum PeriodCalendar {
         let fraction = Int(micros - secondsOfEpoch * 1_000_000)
         let day = Int(secondsOfEpoch >= 0 ? secondsOfEpoch / 86_400 : (secondsOfEpoch - 86_399) / 86_400)
         let secondOfDay = Int(secondsOfEpoch - Int64(day) * 86_400)
-        return dayString(day) + "T" + padded(secondOfDay / 3600, 2) + ":" + padded(secondOfDay / 60 % 60, 2) + ":"
-            + padded(secondOfDay % 60, 2) + "." + padded(fraction, 6) + "Z"
+        return formatted(capacity: 40) { digits in
+            digits.date(day)
+            digits.byte("T")
+            digits.number(secondOfDay / 3600, width: 2)
+            digits.byte(":")
+            digits.number(secondOfDay / 60 % 60, width: 2)
+            digits.byte(":")
+            digits.number(secondOfDay % 60, width: 2)
+            digits.byte(".")
+            digits.number(fraction, width: 6)
+            digits.byte("Z")
+        }
     }
 
     /// Parses `YYYY-MM-DD` into a day.
@@ -75,9 +88,60 @@ public enum PeriodCalendar {
         return next - days(year: year, month: month, day: 1)
     }
 
-    private static func padded(_ value: Int, _ width: Int) -> String {
-        let text = String(value)
-        return String(repeating: "0", count: max(0, width - text.count)) + text
+    /// A string of at most `capacity` ASCII bytes written in place, so a date costs one allocation (none up to 15
+    /// bytes, a small string) rather than one per piece; the ledger entry and the Splunk event of every request
+    /// format three. A year too large for the capacity (never a real clock's) is cut short, never written past it.
+    private static func formatted(capacity: Int, _ write: (inout Digits) -> Void) -> String {
+        String(unsafeUninitializedCapacity: capacity) { buffer in
+            var digits = Digits(buffer: buffer)
+            write(&digits)
+            return digits.count
+        }
+    }
+
+    /// Writes ASCII into a string's uninitialized bytes; anything past the buffer's end is dropped, never written.
+    private struct Digits {
+        let buffer: UnsafeMutableBufferPointer<UInt8>
+        private(set) var count = 0
+
+        init(buffer: UnsafeMutableBufferPointer<UInt8>) {
+            self.buffer = buffer
+        }
+
+        mutating func byte(_ character: Unicode.Scalar) {
+            guard count < buffer.count else { return }
+            buffer[count] = UInt8(ascii: character)
+            count += 1
+        }
+
+        /// `value` in decimal, zero-padded to `width` digits (more when it needs them; a minus sign first if negative).
+        mutating func number(_ value: Int, width: Int) {
+            if value < 0 { byte("-") }
+            var magnitude = value.magnitude
+            var length = 1
+            var rest = magnitude / 10
+            while rest > 0 {
+                length += 1
+                rest /= 10
+            }
+            length = max(length, width)
+            guard count + length <= buffer.count else { return }
+            for index in stride(from: count + length - 1, through: count, by: -1) {
+                buffer[index] = UInt8(ascii: "0") + UInt8(magnitude % 10)
+                magnitude /= 10
+            }
+            count += length
+        }
+
+        /// `YYYY-MM-DD` of a day since 1970-01-01.
+        mutating func date(_ day: Int) {
+            let (year, month, dayOfMonth) = PeriodCalendar.civil(day)
+            number(year, width: 4)
+            byte("-")
+            number(month, width: 2)
+            byte("-")
+            number(dayOfMonth, width: 2)
+        }
     }
 
     /// Days since 1970-01-01 of a proleptic Gregorian date (the well-known era-based algorithm).
