@@ -14,6 +14,8 @@ import NIOCore
 /// - `gated-stream`: the first chunk, then waits for `openGate()` before the rest;
 /// - `late-stream`: the head alone, then waits for `openGate()` before any event;
 /// - `endless-stream`: a chunk every `chunkGap` until the client goes away (at most 10 000);
+/// - `flood-stream`: 10 000 chunks of 4 KiB each, as fast as the bridge takes them (40 MB, more than any socket
+///   buffers between a client that stops reading and the bridge);
 /// - `stall-stream`: the first chunk, then silence for `headerDelay`;
 /// - `broken-stream`: the first chunk and half of the next line, then silence for `headerDelay`;
 /// - `crlf-stream`: CRLF line ends and `data:` without a space;
@@ -191,10 +193,11 @@ public final class FakeCircuit: Sendable {
         let words: [String] = {
             switch model {
             case "slow-stream": (0..<settings.chunkCount).map { " w\($0)" }
-            case "endless-stream", "slow-headers": (0..<10_000).map { " w\($0)" }
+            case "endless-stream", "slow-headers", "flood-stream": (0..<10_000).map { " w\($0)" }
             default: ["Hello", " from", " fake", " Circuit"]
             }
         }()
+        let padding = model == "flood-stream" ? String(repeating: "x", count: 4_096) : ""
         var headers = rateLimitHeaders
         headers[.contentType] = "text/event-stream; charset=utf-8"
         headers[.cacheControl] = "no-cache"
@@ -221,7 +224,7 @@ public final class FakeCircuit: Sendable {
                             default: break
                             }
                         }
-                        try await writer.write(chunk(#"{"content": "\#(word)"}"#))
+                        try await writer.write(chunk(#"{"content": "\#(word)\#(padding)"}"#))
                     }
                     try await writer.write(chunk("{}", finish: #""stop""#))
                     if includeUsage {

@@ -294,6 +294,25 @@ import Testing
         }
     }
 
+    @Test func aClientThatStopsReadingAStreamIsLetGo() async throws {
+        try await Harness.with(connectionIdleTimeout: .milliseconds(500)) { harness async throws in
+            let connection = try await RawConnection(port: harness.httpPort!)
+            // The stream is far larger than every buffer between the bridge and a client that reads nothing of it.
+            try await connection.send(Self.chat(Harness.chatBody(model: "flood-stream", stream: true)))
+            // The bridge's writes wait, then it lets the client go, and Circuit's stream with it.
+            await harness.circuit.streams.wait { !$0.isEmpty }
+            #expect(
+                await harness.circuit.streams.entries == [FakeCircuit.StreamOutcome(model: "flood-stream", completed: false)]
+            )
+            await harness.recorder.usage.wait { !$0.isEmpty }
+            let record = try #require(await harness.recorder.usage.entries.first)
+            #expect(record.clientDisconnected && record.isStreaming && record.statusCode == 200)
+            // The connection is gone: what it still holds is read, then it ends.
+            _ = try await connection.readsToEnd()
+            #expect(try await harness.chat(Harness.chatBody()).status == 200)
+        }
+    }
+
     @Test func stoppingForGoodEndsTheAnswersInProgress() async throws {
         try await Harness.with { harness async throws in
             // A listener of its own, so that it can be stopped without a grace period.

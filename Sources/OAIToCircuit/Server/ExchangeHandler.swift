@@ -17,7 +17,9 @@ import NIOHTTPTypesHTTP1
 /// dropped, so the connection can serve the next request; so is the rest of a body whose answer did not wait for it
 /// (a refused subkey).
 /// A connection that stays silent for `idleTimeout` between requests, or while a request's body is being read, is
-/// closed; while an answer is being made it is not (Circuit's own timeout bounds that).
+/// closed; while an answer is being made it is not (Circuit's own timeout bounds that), unless the client stops
+/// reading it: bytes waiting to go out and none taken for a whole `idleTimeout` close the connection, and the
+/// answer's task sees a client gone (a stream stops reading Circuit, whose connection goes).
 final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
@@ -62,6 +64,10 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var arriving: (body: ByteBuffer, promise: EventLoopPromise<ByteBuffer>)?
     /// The last exchange whose answer has its head written.
     private var headWritten = 0
+    /// Parts the answers' tasks have handed to the channel, and what the last stall check saw: a client that takes
+    /// nothing of what waits to go out, while nothing more is written, has stopped reading (`stalled(context:)`).
+    fileprivate var partsWritten = 0
+    private var stallMark: (parts: Int, buffered: Int)?
     /// An exchange that HTTP's error handler in front answered (400: its body could not be parsed) before its task
     /// wrote anything: the task must write nothing, since a second answer to one request would break the framing.
     private var answeredInFront = 0
@@ -393,10 +399,16 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
     private func idleCheckFired(context: ChannelHandlerContext) {
         idleCheck = nil
         switch state {
-        case .closed, .closing:
+        case .closed:
             return
-        case .answering where arriving == nil:
-            lastActivity = .now()  // an answer in progress is not idleness; count from now
+        case .closing,
+            .answering where arriving == nil:
+            // An answer in progress (or a last one going out) is not idleness, unless its client stopped reading.
+            if stalled(context: context) {
+                context.close(promise: nil)  // what waits to go out is dropped: it would never be read
+                return
+            }
+            lastActivity = .now()
         case .idle, .answering, .draining:
             if NIODeadline.now() >= lastActivity + idleTimeout {
                 close(context: context)
@@ -404,6 +416,20 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
             }
         }
         armIdleCheck(context: context)
+    }
+
+    /// Whether bytes have waited to go out since the last check without any being taken, while nothing more was
+    /// written: the client has stopped reading. (A streamed answer writes its next part only once the last is out,
+    /// so new parts mean the client read; an answer written whole can only shrink while it is read.)
+    private func stalled(context: ChannelHandlerContext) -> Bool {
+        let buffered = (try? context.channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0
+        guard buffered > 0 else {
+            stallMark = nil
+            return false
+        }
+        defer { stallMark = (partsWritten, buffered) }
+        guard let mark = stallMark else { return false }
+        return mark.parts == partsWritten && buffered >= mark.buffered
     }
 }
 
@@ -440,6 +466,7 @@ struct ExchangeWriter: Sendable {
         _ = onLoop { [handler, context, number] in
             guard handler.value.mayWrite(number) else { return context.value.eventLoop.makeSucceededVoidFuture() }
             handler.value.writingHead(number)
+            handler.value.partsWritten += 1
             context.value.write(NIOAny(HTTPServerResponsePart.head(head)), promise: nil)
             // A stream's head can go out with its first chunk when Circuit sent that with its own head (if the chunk
             // is written before the loop's next turn), else it goes on that turn: never held for Circuit's first event.
@@ -487,6 +514,7 @@ struct ExchangeWriter: Sendable {
             guard handler.value.mayWrite(number) else {
                 return context.eventLoop.makeFailedFuture(ChannelError.ioOnClosedChannel)
             }
+            handler.value.partsWritten += 1
             if flush { return context.writeAndFlush(NIOAny(HTTPServerResponsePart.body(.byteBuffer(buffer)))) }
             context.write(NIOAny(HTTPServerResponsePart.body(.byteBuffer(buffer))), promise: nil)
             return context.eventLoop.makeSucceededVoidFuture()
@@ -500,6 +528,7 @@ struct ExchangeWriter: Sendable {
             guard handler.value.mayWrite(number) else {
                 return context.value.eventLoop.makeFailedFuture(ChannelError.ioOnClosedChannel)
             }
+            handler.value.partsWritten += 1
             let closes = handler.value.answerEnding(mustClose: streamed && version.minor == 0)
             // Noted before writing: the write can deliver the next request, and a close it causes must wait.
             let promise = context.value.eventLoop.makePromise(of: Void.self)
