@@ -22,6 +22,10 @@ public final class FakeHEC: Sendable {
         public var delay: Duration = .zero
         /// An event whose JSON contains this text is refused as malformed (code 6 with its number).
         public var poisonText: String?
+        /// A request holding an event whose JSON contains this text is answered 503 busy (code 9), nothing indexed,
+        /// `busyTimes` times; then it is taken like any other.
+        public var busyText: String?
+        public var busyTimes = 1
         /// A file each indexed event is appended to, one JSON line each (for scripts that run the fake apart).
         public var eventLog: String?
         public init() {}
@@ -59,9 +63,15 @@ public final class FakeHEC: Sendable {
             let gzipped = request.headers[.contentEncoding]?.lowercased() == "gzip"
             let channel = request.headers[HTTPField.Name("X-Splunk-Request-Channel")!]
             var answer = try await Self.answer(request, settings: current, gzipped: gzipped)
+            if answer.busy {
+                box.withLockedValue { settings in
+                    settings.busyTimes -= 1
+                    if settings.busyTimes <= 0 { settings.busyText = nil }
+                }
+            }
             if current.delay > .zero { try await Task.sleep(for: current.delay) }
             if let failure = current.failWith {
-                answer = (failure.status, failure.body, answer.events, [])
+                answer = (failure.status, failure.body, answer.events, [], false)
             }
             for event in answer.indexed { await events.append(event) }
             if let path = current.eventLog, !answer.indexed.isEmpty {
@@ -109,50 +119,56 @@ public final class FakeHEC: Sendable {
         return (status, #"{"text": "\#(text)", "code": \#(code)\#(number)}"#)
     }
 
-    /// Status, body, how many events the request held, and those indexed.
+    /// Status, body, how many events the request held, those indexed, and whether it was turned away as busy.
     private static func answer(
         _ request: Request,
         settings: Settings,
         gzipped: Bool
-    ) async throws -> (status: Int, body: String, events: Int, indexed: [String]) {
+    ) async throws -> (status: Int, body: String, events: Int, indexed: [String], busy: Bool) {
         let path = request.uri.path
         guard path == "/services/collector/event" || path == "/services/collector" else {
             let (status, body) = splunk(404, "The requested URL was not found on this server.", code: 404)
-            return (status, body, 0, [])
+            return (status, body, 0, [], false)
         }
         guard request.method == .post else {
             let (status, body) = splunk(405, "Method not allowed", code: 405)
-            return (status, body, 0, [])
+            return (status, body, 0, [], false)
         }
         guard let authorization = request.headers[.authorization] else {
             let (status, body) = splunk(401, "Token is required", code: 2)
-            return (status, body, 0, [])
+            return (status, body, 0, [], false)
         }
         let parts = authorization.split(separator: " ", maxSplits: 1)
         guard parts.count == 2, parts[0].lowercased() == "splunk" else {
             let (status, body) = splunk(401, "Invalid authorization", code: 3)
-            return (status, body, 0, [])
+            return (status, body, 0, [], false)
         }
         guard parts[1] == settings.token else {
             let (status, body) = splunk(403, "Invalid token", code: 4)
-            return (status, body, 0, [])
+            return (status, body, 0, [], false)
         }
         var body = try await request.body.collect(upTo: 64 << 20)
         if gzipped {
             guard let inflated = try? body.decompress(with: .gzip) else {
                 let (status, text) = splunk(400, "Invalid data format", code: 6)
-                return (status, text, 0, [])
+                return (status, text, 0, [], false)
             }
             body = inflated
         }
         guard body.readableBytes <= settings.maximumBodyBytes else {
             let (status, text) = splunk(413, "Content too large", code: 27)
-            return (status, text, 0, [])
+            return (status, text, 0, [], false)
         }
         let objects = Self.split(Array(body.readableBytesView))
         guard !objects.isEmpty else {
             let (status, text) = splunk(400, "No data", code: 5)
-            return (status, text, 0, [])
+            return (status, text, 0, [], false)
+        }
+        if let busy = settings.busyText,
+            objects.contains(where: { $0.map { String(decoding: $0, as: UTF8.self).contains(busy) } == true })
+        {
+            let (status, text) = splunk(503, "Server is busy", code: 9)
+            return (status, text, objects.count, [], true)
         }
         var indexed: [String] = []
         for (number, object) in objects.enumerated() {
@@ -175,10 +191,10 @@ public final class FakeHEC: Sendable {
             } else {
                 refusal = splunk(400, "Invalid data format", code: 6, event: number)
             }
-            if let (status, text) = refusal { return (status, text, objects.count, indexed) }
+            if let (status, text) = refusal { return (status, text, objects.count, indexed, false) }
         }
         let (status, text) = splunk(200, "Success", code: 0)
-        return (status, text, objects.count, indexed)
+        return (status, text, objects.count, indexed, false)
     }
 
     /// Splits concatenated JSON objects (whitespace between them allowed); `nil` for a piece that is not one.

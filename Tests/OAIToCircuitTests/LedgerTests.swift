@@ -104,7 +104,7 @@ import Testing
         // The table is still the earlier bridge's, so it could still read the file.
         let columns = try TestDatabase.rows(path, "PRAGMA table_info(usage)").map { $0["name"] as String }
         #expect(columns == ["subkey", "model", "requests", "prompt_tokens", "completion_tokens", "total_tokens"])
-        #expect(try TestDatabase.count(path, "SELECT count(*) FROM grdb_migrations") == 3)
+        #expect(try TestDatabase.count(path, "SELECT count(*) FROM grdb_migrations") == 4)
     }
 
     /// The earlier bridge never enforced key_lifecycle's foreign keys: a dangling `replaced_by` must not stop this one.
@@ -369,6 +369,7 @@ final class FailingStore: LedgerStore {
     func close() async throws {}
     func pendingEvents(after id: Int64, limit: Int) async throws -> [PendingEvent] { [] }
     func delivered(_ ids: ClosedRange<Int64>) async throws {}
+    func settled(through id: Int64) async throws {}
     func deadLetter(_ event: PendingEvent, answer: String, at time: Double) async throws {}
     func outboxCounts() async throws -> OutboxCounts { OutboxCounts() }
 }
@@ -415,6 +416,102 @@ final class GatedStore: LedgerStore {
     func close() async throws {}
     func pendingEvents(after id: Int64, limit: Int) async throws -> [PendingEvent] { [] }
     func delivered(_ ids: ClosedRange<Int64>) async throws {}
+    func settled(through id: Int64) async throws {}
     func deadLetter(_ event: PendingEvent, answer: String, at time: Double) async throws {}
     func outboxCounts() async throws -> OutboxCounts { OutboxCounts() }
+}
+
+extension LedgerTests {
+    /// A usage event is its request-log row, marked for Splunk: the shipper reads marked rows and the outbox's events
+    /// as one queue in commit order, and the log's cursor says how far Splunk has them.
+    @Test func usageEventsAreReadFromTheRequestLogWithTheOutboxInCommitOrder() async throws {
+        let directory = try Harness.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("quota.db").path
+        var store = try SQLiteLedger.open(path: path)
+        let old = Date().timeIntervalSince1970 - 100 * 86_400
+        var first = Self.entry(model: "gpt-4o")
+        first.hasUsageEvent = true
+        first.finishedAt = old
+        // Delivery off, or the spool full: no event.
+        var unmarked = Self.entry(model: "gpt-4o")
+        unmarked.finishedAt = old
+        var last = Self.entry(model: "o3")
+        last.hasUsageEvent = true
+        last.finishedAt = old
+        let refusal = OutboxEvent(kind: .error, time: old, body: Array(#"{"event_type":"error"}"#.utf8))
+        _ = try await store.commit([first], events: [refusal], purgingLogBefore: nil, purgeLimit: 0)
+        _ = try await store.commit([unmarked], events: [], purgingLogBefore: nil, purgeLimit: 0)
+        _ = try await store.commit([last], events: [], purgingLogBefore: nil, purgeLimit: 0)
+
+        let pending = try await store.pendingEvents(after: 0, limit: 10)
+        #expect(pending.map(\.event.kind) == [.error, .usage, .usage])
+        #expect(pending.map(\.id) == pending.map(\.id).sorted())
+        // Each is the event the request would have had, rebuilt from its row.
+        #expect(pending.map(\.event).suffix(2) == [SplunkEvent.usageEvent(first), SplunkEvent.usageEvent(last)])
+        #expect(try await store.pendingEvents(after: 0, limit: 2) == Array(pending.prefix(2)))
+        #expect(try await store.pendingEvents(after: pending[1].id, limit: 10) == [pending[2]])
+        let counts = try await store.outboxCounts()
+        #expect(counts.usage == 2 && counts.error == 1 && counts.oldest == old)
+
+        // Old rows go with the retention purge, but never one whose event Splunk has yet to get.
+        try await store.delivered(pending[0].id...pending[1].id)
+        try await store.settled(through: pending[1].id)
+        let purged = try await store.commit([], events: [], purgingLogBefore: old + 1, purgeLimit: 10)
+        #expect(purged == 2)
+        #expect(try TestDatabase.rows(path, "SELECT model FROM request_log").map { $0["model"] as String } == ["o3"])
+        // The cursor never moves back.
+        try await store.settled(through: 0)
+        #expect(try await store.pendingEvents(after: 0, limit: 10) == [pending[2]])
+
+        // Reopened: the same queue, and new ids above every one before.
+        try await store.close()
+        store = try SQLiteLedger.open(path: path)
+        #expect(try await store.pendingEvents(after: 0, limit: 10) == [pending[2]])
+        var next = Self.entry(model: "gpt-4o")
+        next.hasUsageEvent = true
+        _ = try await store.commit([next], events: [], purgingLogBefore: nil, purgeLimit: 0)
+        let ids = try await store.pendingEvents(after: 0, limit: 10).map(\.id)
+        #expect(ids.count == 2 && ids[0] == pending[2].id && ids[1] > ids[0])
+        #expect(try await store.outboxCounts().usage == 2)
+        try await store.close()
+    }
+
+    /// A database written before usage events came from the request log: the usage events its outbox holds are still
+    /// sent, its log rows are not sent again, and new ids go above both tables' (which overlapped).
+    @Test func outboxEventsFromBeforeTheUpgradeAreSentAndOldLogRowsAreNot() async throws {
+        let directory = try Harness.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("quota.db").path
+        let queue = try DatabaseQueue(path: path)
+        try SQLiteLedger.migrator.migrate(queue, upTo: "3 keys registry")
+        try await queue.write { db in
+            for id in 1...2 {
+                try db.execute(
+                    sql: """
+                        INSERT INTO request_log (id, finished_at, request_id, key_id, subkey_hash, model, status_code,
+                          prompt_tokens, completion_tokens, total_tokens, is_streaming, latency_ms, client_disconnected,
+                          client_ip, x_forwarded_for)
+                        VALUES (?, 1, 'before', 'k', 'h', 'gpt-4o', 200, 0, 0, 0, 0, 1, 0, '127.0.0.1', '')
+                        """,
+                    arguments: [id]
+                )
+                try db.execute(
+                    sql: "INSERT INTO splunk_outbox (id, kind, time, event) VALUES (?, 'usage', 1, ?)",
+                    arguments: [id, Data(#"{"before":\#(id)}"#.utf8)]
+                )
+            }
+        }
+        try queue.close()
+
+        let store = try SQLiteLedger.open(path: path)
+        var entry = Self.entry(model: "o3")
+        entry.hasUsageEvent = true
+        _ = try await store.commit([entry], events: [], purgingLogBefore: nil, purgeLimit: 0)
+        let pending = try await store.pendingEvents(after: 0, limit: 10)
+        #expect(pending.map(\.id) == [1, 2, 3])
+        #expect(pending.prefix(2).map { String(decoding: $0.event.body, as: UTF8.self) } == [#"{"before":1}"#, #"{"before":2}"#])
+        #expect(pending[2].event == SplunkEvent.usageEvent(entry))
+        try await store.close()
+    }
 }

@@ -1,5 +1,6 @@
 import CircuitFakes
 import Foundation
+import Logging
 import NIOConcurrencyHelpers
 import Testing
 
@@ -93,7 +94,7 @@ import Testing
                 let deliveries = await hec.deliveries.entries
                 #expect(deliveries.allSatisfy { $0.gzipped && $0.status == 200 })
                 #expect(deliveries.allSatisfy { $0.channel == "0C9A5C5E-8E4B-4B7A-9F8B-2B5C3D7E1A4F" })
-                #expect(try TestDatabase.count(harness.databasePath, "SELECT count(*) FROM splunk_outbox") == 0)
+                #expect(try TestDatabase.pendingSplunkEvents(harness.databasePath) == 0)
                 let health = try await Self.health(harness)
                 #expect(health["enabled"] as? Bool == true && health["pending"] as? Int == 0 && health["sent"] as? Int == 2)
                 #expect(health["last_success"] is String && health["last_error"] is NSNull)
@@ -154,7 +155,7 @@ import Testing
             let delivered = await Self.requestIDs(started)
             #expect(delivered.count == 12)
             #expect(Set(delivered) == Set(await harness.recorder.usage.entries.map(\.requestID)))
-            #expect(try TestDatabase.count(harness.databasePath, "SELECT count(*) FROM splunk_outbox") == 0)
+            #expect(try TestDatabase.pendingSplunkEvents(harness.databasePath) == 0)
             let metrics = try await harness.request(.GET, "/metrics", subkey: nil).body
             #expect(metrics.contains("oai_to_circuit_splunk_events_retried_total"))
             await started.stop()
@@ -230,7 +231,7 @@ import Testing
                 let event: Data = try #require(dead.first?["event"])
                 #expect(String(decoding: event, as: UTF8.self).contains("poison-request"))
                 #expect((dead.first?["answer"] as String?)?.contains(#""invalid-event-number": 2"#) == true)
-                #expect(try TestDatabase.count(harness.databasePath, "SELECT count(*) FROM splunk_outbox") == 0)
+                #expect(try TestDatabase.pendingSplunkEvents(harness.databasePath) == 0)
                 let health = try await Self.health(harness)
                 #expect(health["dead_lettered"] as? Int == 1)
             }
@@ -260,8 +261,7 @@ import Testing
             }
             #expect(await hec.events.count == 0)
             #expect(
-                try TestDatabase.count(directory.appendingPathComponent("quota.db").path, "SELECT count(*) FROM splunk_outbox")
-                    == 8
+                try TestDatabase.pendingSplunkEvents(directory.appendingPathComponent("quota.db").path) == 8
             )
             let after = Progress()
             try await Harness.with(environment: Harness.splunk(hec), directory: directory, hecTuning: after.tuning) {
@@ -269,7 +269,7 @@ import Testing
                 await after.sent(8)
                 let delivered = await Self.requestIDs(hec)
                 #expect(delivered.count == 8 && Set(delivered) == requestIDs)
-                #expect(try TestDatabase.count(harness.databasePath, "SELECT count(*) FROM splunk_outbox") == 0)
+                #expect(try TestDatabase.pendingSplunkEvents(harness.databasePath) == 0)
             }
         }
     }
@@ -372,9 +372,86 @@ import Testing
                 #expect(metrics.contains(#"oai_to_circuit_splunk_events_dropped_total{kind="error"} 2"#))
                 // The usage itself is all there.
                 #expect(try TestDatabase.usage(harness.databasePath, subkey: Harness.subkey, model: "gpt-4o")?.requests == 12)
-                #expect(try TestDatabase.count(harness.databasePath, "SELECT count(*) FROM splunk_outbox") == 10)
+                #expect(try TestDatabase.pendingSplunkEvents(harness.databasePath) == 10)
                 #expect(harness.logs.all.contains { $0.contains("Splunk spool is full") })
             }
+        }
+    }
+}
+
+extension SplunkDeliveryTests {
+    /// The ledger as the shipper's outbox, noting each time it is told how far the request log is settled, with how
+    /// many events Splunk had indexed by then.
+    final class RecordingOutbox: SplunkOutbox {
+        let store: SQLiteLedger
+        let hec: FakeHEC
+        let settlements = Journal<[Int64]>()
+
+        init(store: SQLiteLedger, hec: FakeHEC) {
+            self.store = store
+            self.hec = hec
+        }
+
+        func pendingEvents(after id: Int64, limit: Int) async throws -> [PendingEvent] {
+            try await store.pendingEvents(after: id, limit: limit)
+        }
+
+        func delivered(_ ids: ClosedRange<Int64>) async throws { try await store.delivered(ids) }
+
+        func settled(through id: Int64) async throws {
+            await settlements.append([id, Int64(await hec.events.count)])
+            try await store.settled(through: id)
+        }
+
+        func deadLetter(_ event: PendingEvent, answer: String, at time: Double) async throws {
+            try await store.deadLetter(event, answer: answer, at: time)
+        }
+
+        func outboxCounts() async throws -> OutboxCounts { try await store.outboxCounts() }
+    }
+
+    /// Splunk may take later batches while an earlier one waits for a retry. The request log's cursor stays below the
+    /// earlier one until Splunk has it too, so that a restart in between sends it again instead of losing it.
+    @Test func theLogCursorWaitsForABatchBeingRetried() async throws {
+        try await Self.withHEC { hec in
+            let directory = try Harness.temporaryDirectory()
+            defer { try? FileManager.default.removeItem(at: directory) }
+            let path = directory.appendingPathComponent("quota.db").path
+            let store = try SQLiteLedger.open(path: path)
+            let entries = (0..<8).map { index in
+                var entry = LedgerTests.entry(model: "m\(index)")
+                entry.hasUsageEvent = true
+                return entry
+            }
+            _ = try await store.commit(entries, events: [], purgingLogBefore: nil, purgeLimit: 0)
+            let last = try #require(try await store.pendingEvents(after: 0, limit: 10).last?.id)
+            // The first of four batches is turned away once; the three others go in meanwhile.
+            hec.settings.withLockedValue { $0.busyText = entries[0].requestID }
+            let settings = try BridgeConfiguration(environment: ["SPLUNK_HEC_URL": hec.url, "SPLUNK_HEC_TOKEN": "hec-token"])
+                .splunk
+            let client = try #require(HECClient(settings))
+            var tuning = HECShipper.Tuning()
+            tuning.maximumEvents = 2
+            tuning.inFlight = 4
+            tuning.firstRetry = .milliseconds(50)
+            let outbox = RecordingOutbox(store: store, hec: hec)
+            let shipper = HECShipper(
+                client: client,
+                outbox: outbox,
+                spool: nil,
+                envelope: SplunkEnvelope(settings),
+                tuning: tuning,
+                metrics: nil,
+                logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
+            )
+            let outcome = await shipper.ship(maximumFailures: 5)
+            await client.shutdown()
+            #expect(outcome.sent == 8 && outcome.failure == nil)
+            #expect(await hec.deliveries.entries.map(\.status).sorted() == [200, 200, 200, 200, 503])
+            // Told once, when Splunk had all eight.
+            #expect(await outbox.settlements.entries == [[last, 8]])
+            #expect(try TestDatabase.pendingSplunkEvents(path) == 0)
+            try await store.close()
         }
     }
 }

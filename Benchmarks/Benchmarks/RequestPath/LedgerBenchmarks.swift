@@ -3,8 +3,8 @@ import Foundation
 import Logging
 import OAIToCircuit
 
-/// Committing answered requests to the SQLite ledger (`LedgerWriter.commit`) with their Splunk events, as `serve` does
-/// with Splunk on: one request at a time (a transaction each), and 64 at once (group commit shares transactions).
+/// Committing answered requests to the SQLite ledger (`LedgerWriter.commit`) with their Splunk usage events (request-log
+/// rows marked for the shipper), as `serve` does with Splunk on: one request at a time (a transaction each), and 64 at once (group commit shares transactions).
 func ledgerBenchmarks() {
     Benchmark("LedgerWriter.commit, one at a time") { benchmark, ledger in
         await benchmark.measureAsync { await ledger.commit() }
@@ -27,11 +27,10 @@ func ledgerBenchmarks() {
     }
 }
 
-/// A ledger writer over a new SQLite file in the temporary directory, and one answered request's entry and event.
+/// A ledger writer over a new SQLite file in the temporary directory, and one answered request's entry.
 struct LedgerFixture: Sendable {
     let writer: LedgerWriter
     let entry: LedgerEntry
-    let event: OutboxEvent
 
     init(name: String) async throws {
         let directory = Self.directory(name)
@@ -39,7 +38,6 @@ struct LedgerFixture: Sendable {
         let path = directory.appending(path: "quota.db").path
         let store = try SQLiteLedger.open(path: path)
         entry = Self.entry()
-        event = SplunkEvent.usageEvent(entry)
         writer = LedgerWriter(
             store: store,
             retentionDays: 90,
@@ -52,7 +50,7 @@ struct LedgerFixture: Sendable {
     }
 
     func commit() async {
-        await writer.commit(entry, event: event)
+        await writer.commit(entry)
     }
 
     static func directory(_ name: String) -> URL {

@@ -19,8 +19,7 @@ public struct LedgerRecorder: UsageRecorder {
         let caller = enforcer.current(usage.caller)
         if caller.keyID != usage.caller.keyID { usage.admission.caller = caller }
         enforcer.charge(usage.admission, usage: usage.usage)
-        let entry = LedgerEntry(usage)
-        await writer.commit(entry, event: writer.spool == nil ? nil : SplunkEvent.usageEvent(entry))
+        await writer.commit(LedgerEntry(usage))
     }
 
     public func record(_ refusal: RefusalRecord) async {

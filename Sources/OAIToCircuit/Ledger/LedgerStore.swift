@@ -57,6 +57,9 @@ public struct LedgerEntry: Sendable {
     public var clientDisconnected: Bool
     public var clientAddress: String
     public var forwardedFor: String
+    /// Whether Splunk gets this request's usage event. It is not stored as an event: the shipper rebuilds it from
+    /// the request-log row (`LedgerWriter` sets this when delivery is on and the spool has a place for it).
+    public var hasUsageEvent = false
 
     public init(_ record: UsageRecord) {
         let caller = record.caller
@@ -116,7 +119,8 @@ public struct KeyDirectory: Sendable {
     public init(entries: [SubkeyDigest: Entry] = [:]) { self.entries = entries }
 }
 
-/// The durable side of the ledger, and the Splunk outbox committed with it. SQLite (`SQLiteLedger`) implements
+/// The durable side of the ledger, and the Splunk events committed with it (error events in an outbox, usage events
+/// as request-log rows marked for Splunk). SQLite (`SQLiteLedger`) implements
 /// it; a PostgreSQL store will too. Every method may be slow: the request path only reaches it through
 /// `LedgerWriter`'s group commit.
 public protocol LedgerStore: SplunkOutbox {
@@ -126,8 +130,9 @@ public protocol LedgerStore: SplunkOutbox {
     func snapshot(day: String, month: String) async throws -> LedgerSnapshot
     /// The earlier bridge's names and key states, when its tables exist.
     func directory() async throws -> KeyDirectory
-    /// Writes `entries` and queues `events` for Splunk in one transaction and, when `cutoff` is set, removes up to
-    /// `purgeLimit` request-log rows older than it. Returns how many it removed.
+    /// Writes `entries` (with the usage events of those that have one) and queues `events` for Splunk in one
+    /// transaction and, when `cutoff` is set, removes up to `purgeLimit` request-log rows older than it (never one
+    /// whose usage event Splunk has yet to get). Returns how many it removed.
     func commit(
         _ entries: [LedgerEntry],
         events: [OutboxEvent],

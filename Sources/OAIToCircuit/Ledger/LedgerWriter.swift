@@ -9,9 +9,10 @@ import Synchronization
 /// timer. The first request to find the writer idle writes its own record; when its transaction ends, the first
 /// of those that waited meanwhile writes all of theirs, and so on.
 ///
-/// A record may carry a Splunk event (the outbox: committed in the same transaction as the usage it describes), or
-/// be only an event (a refusal's). Events take a place in the `SplunkSpool` first; when its share is full they are
-/// dropped and counted, the usage is still written.
+/// A record's usage has its Splunk usage event when delivery is on: its request-log row is marked for the shipper,
+/// which rebuilds the event from it (nothing more is written, and no JSON is made on the request path). A record
+/// may also be only an event (a refusal's), queued in the outbox in the same way. Either takes a place in the
+/// `SplunkSpool` first; when its share is full the event is dropped and counted, the usage is still written.
 ///
 /// `commit(_:)` returns once its record is durable. A failed transaction is logged and counted, its records are
 /// kept (up to `maximumUnwritten`) and written with the next one or by the writer's retry every second (it is a
@@ -35,7 +36,7 @@ public final class LedgerWriter: Sendable {
         public var droppedRecords = 0
     }
 
-    /// One request's record: its usage, its Splunk event, or both.
+    /// One request's record: its usage (with or without its usage event), or a refusal's event.
     struct Item: Sendable {
         var entry: LedgerEntry?
         var event: OutboxEvent?
@@ -98,33 +99,35 @@ public final class LedgerWriter: Sendable {
     /// Records waiting for the transaction under way to end.
     var queued: Int { state.withLock { $0.pending.count } }
 
-    /// Returns when `entry` (and `event`, when it has a place in the spool) is committed, or its transaction failed
-    /// and it is kept for the next one.
-    public func commit(_ entry: LedgerEntry, event: OutboxEvent? = nil) async {
-        await commit(Item(entry: entry, event: admitted(event)))
+    /// Returns when `entry` (and its usage event, when delivery is on and the spool has a place for it) is
+    /// committed, or its transaction failed and it is kept for the next one.
+    public func commit(_ entry: LedgerEntry) async {
+        var entry = entry
+        entry.hasUsageEvent = admits(.usage)
+        await commit(Item(entry: entry, event: nil))
     }
 
     /// Queues a Splunk event alone (a refusal's), durably, when it has a place in the spool.
     public func commit(event: OutboxEvent) async {
-        guard let event = admitted(event) else { return }
+        guard admits(event.kind) else { return }
         await commit(Item(entry: nil, event: event))
     }
 
-    /// `event` if the spool has a place for it; otherwise it is counted as dropped.
-    private func admitted(_ event: OutboxEvent?) -> OutboxEvent? {
-        guard let event, let spool else { return nil }
-        let (accepted, firstDrop) = spool.reserve(event.kind)
+    /// Whether delivery is on and the spool has a place for an event of `kind`; a full share counts it dropped.
+    private func admits(_ kind: OutboxEvent.Kind) -> Bool {
+        guard let spool else { return false }
+        let (accepted, firstDrop) = spool.reserve(kind)
         guard accepted else {
-            metrics?.splunkDropped(kind: event.kind)
+            metrics?.splunkDropped(kind: kind)
             if firstDrop {
                 logger.warning(
-                    "Splunk spool is full (SPLUNK_SPOOL_MAX_EVENTS): new \(event.kind.rawValue) events are dropped and counted",
+                    "Splunk spool is full (SPLUNK_SPOOL_MAX_EVENTS): new \(kind.rawValue) events are dropped and counted",
                     metadata: ["usage_limit": "\(spool.usageLimit)", "error_limit": "\(spool.errorLimit)"]
                 )
             }
-            return nil
+            return false
         }
-        return event
+        return true
     }
 
     private func commit(_ item: Item) async {
@@ -184,9 +187,10 @@ public final class LedgerWriter: Sendable {
                 purgeLimit: Self.purgeBatch
             )
             metrics?.ledgerCommitted(records: entries.count, duration: ContinuousClock.now - started)
-            if !events.isEmpty {
-                metrics?.splunkQueued(events)
-                spool?.committed(events.count)
+            let (usage, errors) = Self.eventCounts(items)
+            if usage + errors > 0 {
+                metrics?.splunkQueued(usage: usage, errors: errors)
+                spool?.committed(usage + errors)
             }
             state.withLock { state in
                 if cutoff != nil, purged < Self.purgeBatch { state.lastPurge = now }
@@ -228,11 +232,11 @@ public final class LedgerWriter: Sendable {
                 state.health.droppedRecords += dropped.count(where: { $0.entry != nil })
                 return (dropped, firstFailure)
             }
-            let lostEvents = dropped.compactMap(\.event)
-            if let spool, !lostEvents.isEmpty {
-                let errors = lostEvents.count(where: { $0.kind == .error })
-                spool.lost(usage: lostEvents.count - errors, errors: errors)
-                for event in lostEvents { metrics?.splunkDropped(kind: event.kind) }
+            let (lostUsage, lostErrors) = Self.eventCounts(dropped)
+            if let spool, lostUsage + lostErrors > 0 {
+                spool.lost(usage: lostUsage, errors: lostErrors)
+                for _ in 0..<lostUsage { metrics?.splunkDropped(kind: .usage) }
+                for _ in 0..<lostErrors { metrics?.splunkDropped(kind: .error) }
             }
             let metadata: Logger.Metadata = [
                 "error": "\(description)", "records": "\(items.count)", "dropped": "\(dropped.count)",
@@ -244,6 +248,21 @@ public final class LedgerWriter: Sendable {
                 logger.debug("ledger commit failed again", metadata: metadata)
             }
         }
+    }
+
+    /// The Splunk events `items` carry: usage (marked entries, and any usage event queued alone) and errors.
+    private static func eventCounts(_ items: [Item]) -> (usage: Int, errors: Int) {
+        var usage = 0
+        var errors = 0
+        for item in items {
+            if item.entry?.hasUsageEvent == true { usage += 1 }
+            switch item.event?.kind {
+            case .usage?: usage += 1
+            case .error?: errors += 1
+            case nil: break
+            }
+        }
+        return (usage, errors)
     }
 
     /// Writes records an earlier failure left behind (at shutdown).

@@ -8,8 +8,9 @@ import Synchronization
 /// Tables: `usage` exactly as the earlier bridge wrote it (lifetime totals; its files are used in place);
 /// `usage_period` (daily and monthly totals per key id); `request_log` (one row per answered request, kept
 /// `USAGE_LOG_RETENTION_DAYS`); `managed_key`, `managed_key_secret` and `managed_key_history` (the keys registry, see
-/// `KeyTables`); `splunk_outbox` (Splunk events committed with the usage they describe, until
-/// Splunk has them) and `splunk_dead_letter` (events Splunk refused as malformed, with its answer). The earlier
+/// `KeyTables`); `splunk_outbox` (error events, until Splunk has them), `splunk_log_cursor` (how far Splunk has the
+/// usage events of request-log rows marked `splunk_event`, rebuilt from the rows when sent) and `splunk_dead_letter`
+/// (events Splunk refused as malformed, with its answer). The earlier
 /// bridge's `monthly_usage`, `subkey_names` and `key_lifecycle` are read, never written. Outside `usage` a
 /// policy-file key appears only hashed.
 public final class SQLiteLedger: LedgerStore {
@@ -21,8 +22,9 @@ public final class SQLiteLedger: LedgerStore {
     /// A third connection for the Splunk shipper's reads, so that reading a few thousand pending events never holds
     /// up a request's commit on the writer's queue (WAL lets it read beside the writer).
     let outboxReader: DatabaseQueue?
-    /// The next Splunk outbox id: above every id in the table at open, and never handed out twice while open.
-    private let nextOutboxID: Mutex<Int64>
+    /// The next id of an outbox event or a request-log row, one sequence for both, so the shipper reads them as one
+    /// queue in commit order: above every id in both tables (and the log cursor) at open, never handed out twice.
+    private let nextEventID: Mutex<Int64>
     private let checkpointState = Mutex((commits: 0, running: false))
     /// Commits between checkpoints: a few pages each, so the WAL stays around a thousand pages, SQLite's default.
     static let commitsPerCheckpoint = 200
@@ -35,10 +37,10 @@ public final class SQLiteLedger: LedgerStore {
         database: DatabaseQueue,
         checkpointer: DatabaseQueue? = nil,
         outboxReader: DatabaseQueue? = nil,
-        nextOutboxID: Int64 = 1,
+        nextEventID: Int64 = 1,
         walFrameLimit: Int
     ) {
-        self.nextOutboxID = Mutex(nextOutboxID)
+        self.nextEventID = Mutex(nextEventID)
         self.location = location
         self.database = database
         self.checkpointer = checkpointer
@@ -80,15 +82,22 @@ public final class SQLiteLedger: LedgerStore {
         configuration.label = "ledger-outbox"
         configuration.readonly = true
         let outboxReader = try DatabaseQueue(path: path, configuration: configuration)
-        let lastOutboxID = try database.read { db in
-            try Int64.fetchOne(db, sql: "SELECT max(id) FROM splunk_outbox") ?? 0
+        let lastEventID = try database.read { db in
+            try Int64.fetchOne(
+                db,
+                sql: """
+                    SELECT max(coalesce((SELECT max(id) FROM splunk_outbox), 0),
+                      coalesce((SELECT max(id) FROM request_log), 0),
+                      coalesce((SELECT shipped_through FROM splunk_log_cursor), 0))
+                    """
+            ) ?? 0
         }
         return SQLiteLedger(
             location: path,
             database: database,
             checkpointer: checkpointer,
             outboxReader: outboxReader,
-            nextOutboxID: lastOutboxID + 1,
+            nextEventID: lastEventID + 1,
             walFrameLimit: walFrameLimit
         )
     }
@@ -167,6 +176,20 @@ public final class SQLiteLedger: LedgerStore {
         }
         migrator.registerMigration("3 keys registry") { db in
             try KeyTables.create(db)
+        }
+        migrator.registerMigration("4 usage events from the request log") { db in
+            // A usage event is no longer a row of its own: the shipper rebuilds it from the request-log row, which
+            // holds everything it says. Rows written before have theirs in the outbox already (0: not sent again).
+            try db.execute(
+                sql: """
+                    ALTER TABLE request_log ADD COLUMN splunk_event INTEGER NOT NULL DEFAULT 0;
+                    CREATE TABLE splunk_log_cursor (
+                      id INTEGER PRIMARY KEY CHECK (id = 1),
+                      shipped_through INTEGER NOT NULL);
+                    INSERT INTO splunk_log_cursor (id, shipped_through)
+                      SELECT 1, coalesce(max(id), 0) FROM request_log;
+                    """
+            )
         }
         return migrator
     }
@@ -276,7 +299,14 @@ public final class SQLiteLedger: LedgerStore {
                     let transaction = try LedgerTransaction(db)
                     return try transaction.run {
                         try self.queue(events, transaction)
-                        return try Self.write(entries, purgingLogBefore: cutoff, purgeLimit: purgeLimit, transaction, db)
+                        return try Self.write(
+                            entries,
+                            firstID: self.takeIDs(entries.count),
+                            purgingLogBefore: cutoff,
+                            purgeLimit: purgeLimit,
+                            transaction,
+                            db
+                        )
                     }
                 }
                 // Back to the loop the writing request came from, which also answers its client.
@@ -313,14 +343,18 @@ public final class SQLiteLedger: LedgerStore {
         }
     }
 
-    /// Runs on the writer's queue, one transaction after another, so ids grow in commit order (a failed
-    /// transaction leaves a gap, which is harmless).
-    private func queue(_ events: [OutboxEvent], _ transaction: LedgerTransaction) throws {
-        guard !events.isEmpty else { return }
-        let first = nextOutboxID.withLock { next in
-            defer { next += Int64(events.count) }
+    /// `count` ids in a row. Taken on the writer's queue, one transaction after another, so ids grow in commit
+    /// order (a failed transaction leaves a gap, which is harmless).
+    private func takeIDs(_ count: Int) -> Int64 {
+        nextEventID.withLock { next in
+            defer { next += Int64(count) }
             return next
         }
+    }
+
+    private func queue(_ events: [OutboxEvent], _ transaction: LedgerTransaction) throws {
+        guard !events.isEmpty else { return }
+        let first = takeIDs(events.count)
         for (offset, event) in events.enumerated() {
             try transaction.execute(Self.outboxInsert) { values in
                 values.bind(first + Int64(offset))
@@ -355,14 +389,15 @@ public final class SQLiteLedger: LedgerStore {
         ON CONFLICT (period, period_start, key_id, model) DO UPDATE SET \(addition)
         """
     static let logInsert = """
-        INSERT INTO request_log (finished_at, request_id, key_id, subkey_hash, friendly_name, email, model,
+        INSERT INTO request_log (id, finished_at, request_id, key_id, subkey_hash, friendly_name, email, model,
           status_code, prompt_tokens, completion_tokens, total_tokens, is_streaming, latency_ms,
-          client_disconnected, client_ip, x_forwarded_for)
-        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+          client_disconnected, client_ip, x_forwarded_for, splunk_event)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
         """
 
     private static func write(
         _ entries: [LedgerEntry],
+        firstID: Int64,
         purgingLogBefore cutoff: Double?,
         purgeLimit: Int,
         _ transaction: LedgerTransaction,
@@ -406,8 +441,9 @@ public final class SQLiteLedger: LedgerStore {
                 tally.bind(to: &values)
             }
         }
-        for entry in entries {
+        for (offset, entry) in entries.enumerated() {
             try transaction.execute(Self.logInsert) { values in
+                values.bind(firstID + Int64(offset))
                 values.bind(entry.finishedAt)
                 values.bind(entry.requestID)
                 values.bind(entry.keyID)
@@ -424,13 +460,17 @@ public final class SQLiteLedger: LedgerStore {
                 values.bind(entry.clientDisconnected)
                 values.bind(entry.clientAddress)
                 values.bind(entry.forwardedFor)
+                values.bind(entry.hasUsageEvent)
             }
         }
         guard let cutoff else { return 0 }
+        // A row whose usage event Splunk has yet to get stays (the spool's limit bounds how many can wait).
         try db.execute(
             sql: """
                 DELETE FROM request_log WHERE id IN
-                  (SELECT id FROM request_log WHERE finished_at < ? ORDER BY finished_at LIMIT ?)
+                  (SELECT id FROM request_log WHERE finished_at < ?
+                     AND (splunk_event = 0 OR id <= (SELECT shipped_through FROM splunk_log_cursor))
+                   ORDER BY finished_at LIMIT ?)
                 """,
             arguments: [cutoff, purgeLimit]
         )
@@ -551,9 +591,11 @@ public final class SQLiteLedger: LedgerStore {
 
     // MARK: Splunk outbox
 
+    /// The outbox's events and the marked request-log rows' usage events above `id` (and above the log's cursor),
+    /// merged in id order: one queue, read in one transaction.
     public func pendingEvents(after id: Int64, limit: Int) async throws -> [PendingEvent] {
         try await (outboxReader ?? database).read { db in
-            try Row.fetchAll(
+            let queued = try Row.fetchAll(
                 db,
                 sql: "SELECT id, kind, time, event FROM splunk_outbox WHERE id > ? ORDER BY id LIMIT ?",
                 arguments: [id, limit]
@@ -562,6 +604,41 @@ public final class SQLiteLedger: LedgerStore {
                 let kind = OutboxEvent.Kind(rawValue: row["kind"]) ?? .usage
                 return PendingEvent(id: row["id"], event: OutboxEvent(kind: kind, time: row["time"], body: Array(body)))
             }
+            let logged = try Row.fetchAll(
+                db,
+                sql: """
+                    SELECT * FROM request_log
+                    WHERE id > max(?, (SELECT shipped_through FROM splunk_log_cursor)) AND splunk_event = 1
+                    ORDER BY id LIMIT ?
+                    """,
+                arguments: [id, limit]
+            ).map { row in PendingEvent(id: row["id"], event: SplunkEvent.usageEvent(LedgerEntry(logRow: row))) }
+            guard !queued.isEmpty, !logged.isEmpty else { return queued.isEmpty ? logged : queued }
+            var merged: [PendingEvent] = []
+            merged.reserveCapacity(min(limit, queued.count + logged.count))
+            var (outbox, log) = (queued[...], logged[...])
+            while merged.count < limit, let next = Self.earlier(&outbox, &log) { merged.append(next) }
+            return merged
+        }
+    }
+
+    /// Takes the head with the lower id of two runs ordered by id.
+    private static func earlier(
+        _ first: inout ArraySlice<PendingEvent>,
+        _ second: inout ArraySlice<PendingEvent>
+    ) -> PendingEvent? {
+        guard let a = first.first else { return second.popFirst() }
+        guard let b = second.first, b.id < a.id else { return first.popFirst() }
+        return second.popFirst()
+    }
+
+    /// Splunk has, or has set aside, every usage event of the log up to `id`: the cursor moves there (never back).
+    public func settled(through id: Int64) async throws {
+        try await write { db in
+            try db.execute(
+                sql: "UPDATE splunk_log_cursor SET shipped_through = max(shipped_through, ?) WHERE id = 1",
+                arguments: [id]
+            )
         }
     }
 
@@ -598,6 +675,18 @@ public final class SQLiteLedger: LedgerStore {
                 let kind: String = row["kind"]
                 let oldest: Double = row["oldest"]
                 if kind == OutboxEvent.Kind.error.rawValue { counts.error = row["n"] } else { counts.usage += row["n"] }
+                counts.oldest = min(counts.oldest ?? oldest, oldest)
+            }
+            if try db.tableExists("splunk_log_cursor"),
+                let row = try Row.fetchOne(
+                    db,
+                    sql: """
+                        SELECT count(*) AS n, min(finished_at) AS oldest FROM request_log
+                        WHERE id > (SELECT shipped_through FROM splunk_log_cursor) AND splunk_event = 1
+                        """
+                ), let oldest: Double = row["oldest"]
+            {
+                counts.usage += row["n"] as Int
                 counts.oldest = min(counts.oldest ?? oldest, oldest)
             }
             counts.deadLettered = try Int.fetchOne(db, sql: "SELECT count(*) FROM splunk_dead_letter") ?? 0

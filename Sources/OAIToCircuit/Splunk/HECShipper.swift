@@ -172,6 +172,8 @@ public final class HECShipper: Sendable {
         var unacknowledged: [ArraySlice<PendingEvent>] = []
         var unfiled: [(PendingEvent, String)] = []
         var readFailures = 0
+        /// What the outbox was last told is settled (`advance`).
+        var settledThrough: Int64 = 0
 
         var oldest: Double? {
             [retries.first?.events.first?.event.time, readAhead.first?.event.time].compactMap { $0 }.min()
@@ -186,6 +188,7 @@ public final class HECShipper: Sendable {
 
         while !Task.isCancelled {
             await settle(&run)
+            await advance(&run)
             let deadline = drainDeadline
             if let deadline, ContinuousClock.now >= deadline { break }
             if let waitUntil = run.resumeAt, ContinuousClock.now < waitUntil {
@@ -265,6 +268,7 @@ public final class HECShipper: Sendable {
             }
             run.retries.sort { $0.events[0].id < $1.events[0].id }
             noteOldest(run.oldest)
+            await advance(&run)
 
             if let (reason, paused) = failed {
                 run.failures += 1
@@ -290,6 +294,7 @@ public final class HECShipper: Sendable {
             }
         }
         await settle(&run)
+        await advance(&run)
         return run.outcome
     }
 
@@ -417,6 +422,31 @@ public final class HECShipper: Sendable {
             }
             run.unfiled.removeFirst()
             spool?.release(usage: event.event.kind == .usage ? 1 : 0, errors: event.event.kind == .error ? 1 : 0)
+        }
+    }
+
+    /// Tells the outbox that everything up to the first event the shipper still holds (read ahead, to be sent again,
+    /// or not yet acknowledged or set aside) is settled. Called between rounds, when no batch is on its way: Splunk
+    /// may take a later batch while an earlier one waits for a retry, and a restart must send that one again.
+    private func advance(_ run: inout Shipment) async {
+        var held = run.cursor + 1
+        func hold(_ events: some Sequence<PendingEvent>) {
+            for event in events { held = min(held, event.id) }
+        }
+        hold(run.readAhead.prefix(1))
+        for batch in run.retries { hold(batch.events) }
+        for events in run.unacknowledged { hold(events) }
+        hold(run.unfiled.lazy.map(\.0))
+        let through = held - 1
+        guard through > run.settledThrough else { return }
+        do {
+            try await outbox.settled(through: through)
+            run.settledThrough = through
+        } catch {
+            logger.error(
+                "cannot record how far Splunk has the request log's usage events; trying again",
+                metadata: ["error": "\(LedgerWriter.describe(error))"]
+            )
         }
     }
 

@@ -128,6 +128,7 @@ public enum HECReplay {
         }
 
         func delivered(_ ids: ClosedRange<Int64>) async throws {}
+        func settled(through id: Int64) async throws {}
         func deadLetter(_ event: PendingEvent, answer: String, at time: Double) async throws {}
         func outboxCounts() async throws -> OutboxCounts { OutboxCounts() }
     }

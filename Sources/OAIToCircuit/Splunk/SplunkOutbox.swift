@@ -51,13 +51,17 @@ public struct OutboxCounts: Sendable, Equatable {
     public var pending: Int { usage + error }
 }
 
-/// Where the shipper takes events from and reports what became of them: the ledger's outbox (committed with the
-/// usage it describes), or the request log for `hec replay`.
+/// Where the shipper takes events from and reports what became of them: the ledger (its outbox of error events and
+/// the usage events of its request log, committed with the usage they describe), or the request log for
+/// `hec replay`.
 public protocol SplunkOutbox: Sendable {
     /// Up to `limit` events with ids above `id`, oldest first.
     func pendingEvents(after id: Int64, limit: Int) async throws -> [PendingEvent]
-    /// Splunk indexed the events with ids in `ids` (a run of events read together).
+    /// Splunk indexed the events with ids in `ids` (a run of events read together; Splunk's answers may come out of
+    /// order, so runs above one still being retried may be delivered first).
     func delivered(_ ids: ClosedRange<Int64>) async throws
+    /// Every event with an id up to `id` is delivered or set aside (the shipper holds none of them any more).
+    func settled(through id: Int64) async throws
     /// Splunk refused `event` as malformed: it is kept aside with Splunk's answer, and never sent again.
     func deadLetter(_ event: PendingEvent, answer: String, at time: Double) async throws
     func outboxCounts() async throws -> OutboxCounts

@@ -85,15 +85,12 @@ public final class BridgeMetrics: Sendable {
     // MARK: Splunk delivery
 
     /// Events committed to the outbox.
-    func splunkQueued(_ events: [OutboxEvent]) {
-        let errors = events.count(where: { $0.kind == .error })
+    func splunkQueued(usage: Int, errors: Int) {
         if errors > 0 {
             counter("oai_to_circuit_splunk_events_queued_total", InstrumentKey("kind", "error")).increment(by: errors)
         }
-        if errors < events.count {
-            counter("oai_to_circuit_splunk_events_queued_total", InstrumentKey("kind", "usage")).increment(
-                by: events.count - errors
-            )
+        if usage > 0 {
+            counter("oai_to_circuit_splunk_events_queued_total", InstrumentKey("kind", "usage")).increment(by: usage)
         }
     }
 

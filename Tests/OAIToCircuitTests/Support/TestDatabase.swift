@@ -17,6 +17,18 @@ enum TestDatabase {
         try rows(path, sql, arguments).first?[0] ?? 0
     }
 
+    /// Splunk events waiting in a bridge's database: the outbox's, and the usage events of request-log rows marked for
+    /// Splunk above the log's cursor.
+    static func pendingSplunkEvents(_ path: String) throws -> Int {
+        try count(
+            path,
+            """
+            SELECT (SELECT count(*) FROM splunk_outbox) + (SELECT count(*) FROM request_log
+              WHERE splunk_event = 1 AND id > (SELECT shipped_through FROM splunk_log_cursor))
+            """
+        )
+    }
+
     /// Runs SQL as the earlier bridge (Python's sqlite3) would have: no WAL, no migrations, foreign keys unchecked.
     static func execute(_ path: String, _ sql: String, _ arguments: StatementArguments = []) throws {
         var configuration = Configuration()
