@@ -104,7 +104,7 @@ import Testing
         // The table is still the earlier bridge's, so it could still read the file.
         let columns = try TestDatabase.rows(path, "PRAGMA table_info(usage)").map { $0["name"] as String }
         #expect(columns == ["subkey", "model", "requests", "prompt_tokens", "completion_tokens", "total_tokens"])
-        #expect(try TestDatabase.count(path, "SELECT count(*) FROM grdb_migrations") == 4)
+        #expect(try TestDatabase.count(path, "SELECT count(*) FROM grdb_migrations") == 5)
     }
 
     /// The earlier bridge never enforced key_lifecycle's foreign keys: a dangling `replaced_by` must not stop this one.
@@ -512,6 +512,42 @@ extension LedgerTests {
         #expect(pending.map(\.id) == [1, 2, 3])
         #expect(pending.prefix(2).map { String(decoding: $0.event.body, as: UTF8.self) } == [#"{"before":1}"#, #"{"before":2}"#])
         #expect(pending[2].event == SplunkEvent.usageEvent(entry))
+        try await store.close()
+    }
+}
+
+extension LedgerTests {
+    /// With no index on `finished_at` (one page less per commit), a time is found in the request log by bisecting
+    /// ids, which have gaps (outbox events take ids from the same sequence).
+    @Test func theRequestLogIsBisectedByTime() async throws {
+        let directory = try Harness.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let store = try SQLiteLedger.open(path: directory.appendingPathComponent("quota.db").path)
+        #expect(try await store.database.read { try SQLiteLedger.firstLogID(finishedAtOrAfter: 0, $0) } == nil)
+        let refusal = OutboxEvent(kind: .error, time: 0, body: Array(#"{"event_type":"error"}"#.utf8))
+        for index in 0..<50 {
+            var entry = Self.entry(model: "gpt-4o")
+            entry.finishedAt = Double(1_000 + index * 10)
+            let events = Array(repeating: refusal, count: index % 4)
+            _ = try await store.commit([entry], events: events, purgingLogBefore: nil, purgeLimit: 0)
+        }
+        try await store.database.read { db in
+            let rows = try Row.fetchAll(db, sql: "SELECT id, finished_at FROM request_log ORDER BY id").map {
+                (id: $0["id"] as Int64, finished: $0["finished_at"] as Double)
+            }
+            #expect(rows.count == 50 && rows.last!.id > 60)
+            for time in stride(from: 990.0, through: 1_500, by: 5) {
+                let found = try SQLiteLedger.firstLogID(finishedAtOrAfter: time, db)
+                let expected = rows.first { $0.finished >= time }
+                if let expected, let found {
+                    // No row below it finished at or after the time; the first at or above it is the one that did.
+                    #expect(rows.allSatisfy { $0.id >= found || $0.finished < time })
+                    #expect(rows.first { $0.id >= found }?.id == expected.id, "\(time)")
+                } else {
+                    #expect(found == nil && expected == nil, "\(time)")
+                }
+            }
+        }
         try await store.close()
     }
 }

@@ -161,36 +161,33 @@ enum KeyTables {
         return totals
     }
 
-    /// When each key was last used: the latest day with daily usage, then the latest request of that day in the
-    /// request log (kept `USAGE_LOG_RETENTION_DAYS`; older days give their start). Each such day's log rows are read
-    /// once, whatever the number of keys; nothing is written per request for this.
+    /// When each key was last used: the latest day with daily usage, then its latest request from that day on in the
+    /// request log (kept `USAGE_LOG_RETENTION_DAYS`; older days give their start). The log is read once, from the
+    /// earliest of those days, whatever the number of keys; nothing is written per request for this.
     static func lastUsed(_ db: Database) throws -> [String: Double] {
         guard try db.tableExists("usage_period") else { return [:] }
         var lastUsed: [String: Double] = [:]
-        var keysByDay: [Int: Set<String>] = [:]
+        var earliest: Int?
         for row in try Row.fetchAll(
             db,
             sql: "SELECT key_id, max(period_start) AS day FROM usage_period WHERE period = 'daily' GROUP BY key_id"
         ) {
             guard let day = PeriodCalendar.day(parsing: row["day"]) else { continue }
-            let keyID: String = row["key_id"]
-            keysByDay[day, default: []].insert(keyID)
-            lastUsed[keyID] = Double(day) * 86_400
+            lastUsed[row["key_id"]] = Double(day) * 86_400
+            earliest = min(earliest ?? day, day)
         }
-        guard try db.tableExists("request_log") else { return lastUsed }
-        for (day, keys) in keysByDay {
-            let start = Double(day) * 86_400
-            for row in try Row.fetchAll(
-                db,
-                sql: """
-                    SELECT key_id, max(finished_at) AS last FROM request_log
-                    WHERE finished_at >= ? AND finished_at < ? GROUP BY key_id
-                    """,
-                arguments: [start, start + 86_400]
-            ) {
-                let keyID: String = row["key_id"]
-                if keys.contains(keyID), let last: Double = row["last"] { lastUsed[keyID] = last }
-            }
+        guard try db.tableExists("request_log"), let earliest,
+            let start = try SQLiteLedger.firstLogID(finishedAtOrAfter: Double(earliest) * 86_400 - 3_600, db)
+        else { return lastUsed }
+        // An hour early: a row written a little out of order is not missed.
+        for row in try Row.fetchAll(
+            db,
+            sql: "SELECT key_id, max(finished_at) AS last FROM request_log WHERE id >= ? GROUP BY key_id",
+            arguments: [start]
+        ) {
+            // Only for keys whose last day of use is known, and not before it.
+            let keyID: String = row["key_id"]
+            if let last: Double = row["last"], let dayStart = lastUsed[keyID], last >= dayStart { lastUsed[keyID] = last }
         }
         return lastUsed
     }

@@ -191,6 +191,11 @@ public final class SQLiteLedger: LedgerStore {
                     """
             )
         }
+        migrator.registerMigration("5 request log without the finished_at index") { db in
+            // One page less written by every commit. Rows are in the order requests finished, so a time is found by
+            // bisecting ids instead (`firstLogID`).
+            try db.execute(sql: "DROP INDEX IF EXISTS request_log_finished_at")
+        }
         return migrator
     }
 
@@ -292,7 +297,6 @@ public final class SQLiteLedger: LedgerStore {
     ) async throws -> Int {
         // Not cancellable on purpose: the batch holds other requests' records, and the task that happens to write it
         // may be cancelled (its client left). GRDB's async `write` would interrupt the transaction in that case.
-        let loop = EventLoopAffinity.current
         let purged = try await withCheckedThrowingContinuation { continuation in
             database.asyncWriteWithoutTransaction { db in
                 let result = Result {
@@ -309,8 +313,9 @@ public final class SQLiteLedger: LedgerStore {
                         )
                     }
                 }
-                // Back to the loop the writing request came from, which also answers its client.
-                EventLoopAffinity.resume(on: loop) { continuation.resume(with: result) }
+                // A request's task prefers its connection's event loop as executor, so it goes on there, which also
+                // answers its client: one wake of the loop, and no second trip through its queue.
+                continuation.resume(with: result)
             }
         }
         checkpointIfDue()
@@ -464,20 +469,46 @@ public final class SQLiteLedger: LedgerStore {
             }
         }
         guard let cutoff else { return 0 }
-        // A row whose usage event Splunk has yet to get stays (the spool's limit bounds how many can wait).
+        // Rows below the first that finished after the cutoff, oldest first; a row whose usage event Splunk has yet to
+        // get stays (the spool's limit bounds how many can wait). One that finished early but was written late (a
+        // clock stepped back) goes with a later purge.
+        let boundary = try firstLogID(finishedAtOrAfter: cutoff, db) ?? Int64.max
         try db.execute(
             sql: """
                 DELETE FROM request_log WHERE id IN
-                  (SELECT id FROM request_log WHERE finished_at < ?
+                  (SELECT id FROM request_log WHERE id < ? AND finished_at < ?
                      AND (splunk_event = 0 OR id <= (SELECT shipped_through FROM splunk_log_cursor))
-                   ORDER BY finished_at LIMIT ?)
+                   ORDER BY id LIMIT ?)
                 """,
-            arguments: [cutoff, purgeLimit]
+            arguments: [boundary, cutoff, purgeLimit]
         )
         let purged = db.changesCount
         // Events Splunk refused are kept as long as the request log (rare, so no batch limit is needed).
         try db.execute(sql: "DELETE FROM splunk_dead_letter WHERE set_aside_at < ?", arguments: [cutoff])
         return purged
+    }
+
+    /// Where the request log reaches `time`: an id below which no row finished at or after it, and from which rows
+    /// did (`nil` when none did). Rows are written in the order requests finish, to within a group commit, so ids are
+    /// bisected on `finished_at` (a few seeks), with no index to keep up on every commit. A clock stepped back can put
+    /// a row on the wrong side: callers that must not miss one filter on `finished_at` and start a margin earlier.
+    static func firstLogID(finishedAtOrAfter time: Double, _ db: Database) throws -> Int64? {
+        guard let bounds = try Row.fetchOne(db, sql: "SELECT min(id) AS low, max(id) AS high FROM request_log"),
+            let first: Int64 = bounds["low"], let last: Int64 = bounds["high"]
+        else { return nil }
+        let probe = try db.cachedStatement(
+            sql: "SELECT id, finished_at FROM request_log WHERE id >= ? ORDER BY id LIMIT 1"
+        )
+        // The answer is in low...high, where last + 1 means that no row finished at or after `time`.
+        var (low, high) = (first, last + 1)
+        while low < high {
+            let middle = low + (high - low) / 2
+            // There is a row at or above every id up to `last`.
+            guard let row = try Row.fetchOne(probe, arguments: [middle]) else { break }
+            let (id, finished): (Int64, Double) = (row["id"], row["finished_at"])
+            if finished >= time { high = middle } else { low = id + 1 }
+        }
+        return low > last ? nil : low
     }
 
     public func report(_ query: UsageQuery) async throws -> [UsageReportRow] {
@@ -578,13 +609,15 @@ public final class SQLiteLedger: LedgerStore {
     ) async throws -> [(id: Int64, entry: LedgerEntry)] {
         try await database.read { db in
             guard try db.tableExists("request_log") else { return [] }
+            // An hour early: a row written a little out of order is not missed.
+            guard let start = try Self.firstLogID(finishedAtOrAfter: since - 3_600, db) else { return [] }
             return try Row.fetchAll(
                 db,
                 sql: """
-                    SELECT * FROM request_log WHERE id > ? AND finished_at >= ? AND finished_at < ?
+                    SELECT * FROM request_log WHERE id > ? AND id >= ? AND finished_at >= ? AND finished_at < ?
                     ORDER BY id LIMIT ?
                     """,
-                arguments: [id, since, until, limit]
+                arguments: [id, start, since, until, limit]
             ).map { row in (row["id"], LedgerEntry(logRow: row)) }
         }
     }
