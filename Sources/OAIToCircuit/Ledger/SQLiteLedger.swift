@@ -1,5 +1,6 @@
 import Foundation
 import GRDB
+import GRDBSQLite
 import Synchronization
 
 /// The ledger in SQLite (`QUOTA_DB_PATH`), through GRDB: WAL with `synchronous=NORMAL`, so a commit is durable
@@ -637,15 +638,7 @@ public final class SQLiteLedger: LedgerStore {
                 let kind = OutboxEvent.Kind(rawValue: row["kind"]) ?? .usage
                 return PendingEvent(id: row["id"], event: OutboxEvent(kind: kind, time: row["time"], body: Array(body)))
             }
-            let logged = try Row.fetchAll(
-                db,
-                sql: """
-                    SELECT * FROM request_log
-                    WHERE id > max(?, (SELECT shipped_through FROM splunk_log_cursor)) AND splunk_event = 1
-                    ORDER BY id LIMIT ?
-                    """,
-                arguments: [id, limit]
-            ).map { row in PendingEvent(id: row["id"], event: SplunkEvent.usageEvent(LedgerEntry(logRow: row))) }
+            let logged = try Self.loggedUsageEvents(after: id, limit: limit, db)
             guard !queued.isEmpty, !logged.isEmpty else { return queued.isEmpty ? logged : queued }
             var merged: [PendingEvent] = []
             merged.reserveCapacity(min(limit, queued.count + logged.count))
@@ -654,6 +647,43 @@ public final class SQLiteLedger: LedgerStore {
             return merged
         }
     }
+
+    /// The usage events of marked request-log rows above `id` and the log's cursor, oldest first. Read straight from
+    /// SQLite's row buffers: the shipper reads every answered request's row, and GRDB's rows (each copied, each
+    /// column found by name) cost more than the event made from them.
+    private static func loggedUsageEvents(after id: Int64, limit: Int, _ db: Database) throws -> [PendingEvent] {
+        let statement = try db.cachedStatement(sql: loggedEventsQuery).sqliteStatement
+        defer {
+            sqlite3_reset(statement)
+            sqlite3_clear_bindings(statement)
+        }
+        sqlite3_bind_int64(statement, 1, id)
+        sqlite3_bind_int64(statement, 2, Int64(limit))
+        var events: [PendingEvent] = []
+        while true {
+            let code = sqlite3_step(statement)
+            if code == SQLITE_DONE { return events }
+            guard code == SQLITE_ROW else {
+                throw DatabaseError(
+                    resultCode: ResultCode(rawValue: code),
+                    message: String(cString: sqlite3_errmsg(db.sqliteConnection))
+                )
+            }
+            let columns = LoggedColumns(statement: statement)
+            let entry = LedgerEntry(logged: columns)
+            events.append(PendingEvent(id: columns.integer(0), event: SplunkEvent.usageEvent(entry)))
+        }
+    }
+
+    /// The columns `LedgerEntry(logged:)` reads, in its order.
+    private static let loggedEventsQuery = """
+        SELECT id, finished_at, request_id, key_id, subkey_hash, friendly_name, email, model, status_code,
+          prompt_tokens, completion_tokens, total_tokens, is_streaming, latency_ms, client_disconnected, client_ip,
+          x_forwarded_for
+        FROM request_log
+        WHERE id > max(?, (SELECT shipped_through FROM splunk_log_cursor)) AND splunk_event = 1
+        ORDER BY id LIMIT ?
+        """
 
     /// Takes the head with the lower id of two runs ordered by id.
     private static func earlier(
@@ -767,6 +797,48 @@ extension LedgerEntry {
         clientDisconnected = row["client_disconnected"]
         clientAddress = row["client_ip"]
         forwardedFor = row["x_forwarded_for"]
+    }
+}
+
+/// The current row of a stepped statement, by column number.
+struct LoggedColumns {
+    let statement: OpaquePointer
+
+    func integer(_ column: Int32) -> Int64 { sqlite3_column_int64(statement, column) }
+    func real(_ column: Int32) -> Double { sqlite3_column_double(statement, column) }
+
+    /// Text as SQLite holds it (a NULL is `nil`).
+    func text(_ column: Int32) -> String? {
+        guard let bytes = sqlite3_column_text(statement, column) else { return nil }
+        let count = Int(sqlite3_column_bytes(statement, column))
+        return String(decoding: UnsafeBufferPointer(start: bytes, count: count), as: UTF8.self)
+    }
+}
+
+extension LedgerEntry {
+    /// A request-log row as `SQLiteLedger.loggedEventsQuery` selects it; the period fields stay empty.
+    init(logged row: LoggedColumns) {
+        ledgerKey = ""
+        keyID = row.text(3) ?? ""
+        subkeyHash = row.text(4) ?? ""
+        friendlyName = row.text(5)
+        email = row.text(6)
+        model = row.text(7) ?? ""
+        usage = Usage(
+            promptTokens: Int(clamping: row.integer(9)),
+            completionTokens: Int(clamping: row.integer(10)),
+            totalTokens: Int(clamping: row.integer(11))
+        )
+        day = ""
+        month = ""
+        finishedAt = row.real(1)
+        requestID = row.text(2) ?? ""
+        statusCode = Int(clamping: row.integer(8))
+        isStreaming = row.integer(12) != 0
+        latencySeconds = row.real(13) / 1000
+        clientDisconnected = row.integer(14) != 0
+        clientAddress = row.text(15) ?? ""
+        forwardedFor = row.text(16) ?? ""
     }
 }
 
