@@ -63,6 +63,7 @@ struct HTTPListener: Sendable {
         let pipeline = channel.pipeline.syncOperations
         if let tls { try pipeline.addHandler(NIOSSLServerHandler(context: tls)) }
         try pipeline.configureHTTPServerPipeline(withPipeliningAssistance: true, withErrorHandling: true)
+        try pipeline.addHandler(ReadAheadHandler(), position: .before(try pipeline.handler(type: HTTPServerPipelineHandler.self)))
         try pipeline.addHandler(ClientHangUpHandler())
         try pipeline.addHandler(
             ExchangeHandler(
