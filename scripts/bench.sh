@@ -229,6 +229,9 @@ if ((soak)); then
 fi
 
 bridge_url=http://127.0.0.1:$port/v1/chat/completions
+# Two seconds of traffic before the first measurement, as a running bridge would have had: its first request fetches
+# the token, and a new database file grows its WAL and tables (at c=1, about 4 µs more in the first seconds).
+wrk -t1 -c1 -d2s -s "$(script 0)" "$bridge_url" >/dev/null
 for stream in 0 1; do
     kind=$([[ $stream == 1 ]] && echo SSE || echo JSON)
     model=$([[ $stream == 1 ]] && echo bench-sse || echo gpt-4o)
