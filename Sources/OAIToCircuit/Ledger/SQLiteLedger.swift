@@ -593,9 +593,9 @@ public final class SQLiteLedger: LedgerStore {
         }
     }
 
-    /// Rows of the request log, oldest first (for tests).
+    /// Rows of the request log, oldest first (for tests; GRDB's rows are not `Sendable`, so this is its blocking read).
     public func requestLog(since: Double = 0) async throws -> [Row] {
-        try await database.read { db in
+        try database.read { db in
             try Row.fetchAll(db, sql: "SELECT * FROM request_log WHERE finished_at >= ? ORDER BY id", arguments: [since])
         }
     }
