@@ -52,3 +52,31 @@ struct ReadAheadTests {
         _ = try channel.finish(acceptAlreadyClosed: true)
     }
 }
+
+extension ReadAheadTests {
+    /// Answers the head of every request at once, as a refusal does, before the request's end arrives.
+    final class Refuser: ChannelInboundHandler {
+        typealias InboundIn = HTTPServerRequestPart
+        typealias OutboundOut = HTTPServerResponsePart
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            guard case .head = unwrapInboundIn(data) else { return }
+            context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: .forbidden))), promise: nil)
+            context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+        }
+    }
+
+    /// A request answered while its head is being handed on counts as answered: the next request reads ahead again.
+    @Test func aRequestAnsweredAtItsHeadLeavesNothingOwed() throws {
+        let counter = ReadCounter()
+        let channel = EmbeddedChannel()
+        try channel.pipeline.syncOperations.addHandlers([counter, ReadAheadHandler(), Refuser()])
+        let head = HTTPRequestHead(version: .http1_1, method: .POST, uri: "/v1/chat/completions")
+        for _ in 0..<3 {
+            try channel.writeInbound(HTTPServerRequestPart.head(head))
+            try channel.writeInbound(HTTPServerRequestPart.end(nil))
+        }
+        #expect(counter.reads == 0)
+        _ = try channel.finish(acceptAlreadyClosed: true)
+    }
+}

@@ -17,12 +17,10 @@ final class ReadAheadHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let part = unwrapInboundIn(data)
+        // Counted first: the head may be answered at once (a refusal), before `fireChannelRead` returns.
+        if case .head = part { unanswered += 1 }
         context.fireChannelRead(data)
-        switch part {
-        case .head: unanswered += 1
-        case .body: break
-        case .end: if unanswered == 1 { context.read() }
-        }
+        if case .end = part, unanswered == 1 { context.read() }
     }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
