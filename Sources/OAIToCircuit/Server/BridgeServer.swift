@@ -190,7 +190,7 @@ public enum BridgeServer {
             )
         } else if outbox.pending > 0 {
             logger.notice(
-                "Splunk events wait in the outbox; set SPLUNK_HEC_URL and SPLUNK_HEC_TOKEN to send them",
+                "Splunk events wait in the database; set SPLUNK_HEC_URL and SPLUNK_HEC_TOKEN to send them",
                 metadata: ["events": "\(outbox.pending)"]
             )
         }
