@@ -2,9 +2,11 @@ import NIOCore
 import NIOPosix
 
 /// Where a resumed task continues. With NIO's event loops as Swift concurrency's executor (the executable installs
-/// them at start, see `Entry`), a task continues on the thread that resumed it. A continuation resumed by another thread (the database's, or another
-/// loop's) would move a request's task away from the loop that owns its client's connection, and every write to
-/// that client would then cross threads. Resuming on the loop the task came from keeps it home.
+/// them at start, see `Entry`), a task without an executor preference continues on the thread that resumed it. A
+/// continuation resumed by another thread would move such a task away from the loop that owns its client's
+/// connection, and every write to that client would then cross threads. Resuming on the loop the task came from keeps
+/// it home. (A request's task prefers its loop as executor, see `EventLoopTaskExecutor`, so the database thread
+/// resumes a commit's waiter directly; the ledger writer's waiters still come back through here.)
 enum EventLoopAffinity {
     /// The NIO event loop the caller runs on, if any.
     static var current: (any EventLoop)? { MultiThreadedEventLoopGroup.currentEventLoop }
