@@ -121,8 +121,8 @@ public struct KeyDirectory: Sendable {
 
 /// The durable side of the ledger, and the Splunk events committed with it (error events in an outbox, usage events
 /// as request-log rows marked for Splunk). SQLite (`SQLiteLedger`) implements
-/// it; a PostgreSQL store will too. Every method may be slow: the request path only reaches it through
-/// `LedgerWriter`'s group commit.
+/// it; a PostgreSQL store will too. Every method but `commitAtOnce` may be slow: the request path only reaches it
+/// through `LedgerWriter`'s group commit.
 public protocol LedgerStore: SplunkOutbox {
     /// Where it lives, for `/health` and messages (a path; never a password).
     var location: String { get }
@@ -139,9 +139,18 @@ public protocol LedgerStore: SplunkOutbox {
         purgingLogBefore cutoff: Double?,
         purgeLimit: Int
     ) async throws -> Int
+    /// Writes `entries` and queues `events` as `commit` does, without a purge, on the calling thread, without
+    /// waiting: when another connection holds the write lock it writes nothing and returns `false` (the caller then
+    /// uses `commit`, which waits its turn). Only `LedgerWriter` calls it, for a request alone on its event loop.
+    func commitAtOnce(_ entries: [LedgerEntry], events: [OutboxEvent]) throws -> Bool
     /// Totals for `usage report`.
     func report(_ query: UsageQuery) async throws -> [UsageReportRow]
     func close() async throws
+}
+
+extension LedgerStore {
+    /// A store that cannot write without waiting never does: its commits all go through `commit`.
+    public func commitAtOnce(_ entries: [LedgerEntry], events: [OutboxEvent]) throws -> Bool { false }
 }
 
 /// The rows `usage report` asks for.

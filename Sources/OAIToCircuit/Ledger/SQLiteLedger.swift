@@ -49,6 +49,10 @@ public final class SQLiteLedger: LedgerStore {
         self.walFrameLimit = walFrameLimit
     }
 
+    /// How long a connection waits for another process's lock (a report, a key command) before it fails: long
+    /// enough for one to finish its write, short enough that an answer is not held long while it does.
+    static let busyTimeout = 2.0
+
     /// Opens (creating if needed) and migrates the database. `readOnly` opens an existing file for reports
     /// without changing it.
     public static func open(path: String, readOnly: Bool = false) throws -> SQLiteLedger {
@@ -58,9 +62,7 @@ public final class SQLiteLedger: LedgerStore {
     static func open(path: String, readOnly: Bool, walFrameLimit: Int) throws -> SQLiteLedger {
         var configuration = Configuration()
         configuration.label = "ledger"
-        // Long enough for another process (a report, a key command) to finish its write; short enough that an
-        // answer is not held long while it does.
-        configuration.busyMode = .timeout(2)
+        configuration.busyMode = .timeout(busyTimeout)
         // The earlier bridge declared foreign keys in key_lifecycle but never enforced them; its files may hold
         // dangling references, which must not stop this bridge (ours declare none).
         configuration.foreignKeysEnabled = false
@@ -301,18 +303,7 @@ public final class SQLiteLedger: LedgerStore {
         let purged = try await withCheckedThrowingContinuation { continuation in
             database.asyncWriteWithoutTransaction { db in
                 let result = Result {
-                    let transaction = try LedgerTransaction(db)
-                    return try transaction.run {
-                        try self.queue(events, transaction)
-                        return try Self.write(
-                            entries,
-                            firstID: self.takeIDs(entries.count),
-                            purgingLogBefore: cutoff,
-                            purgeLimit: purgeLimit,
-                            transaction,
-                            db
-                        )
-                    }
+                    try self.write(entries, events: events, purgingLogBefore: cutoff, purgeLimit: purgeLimit, db)
                 }
                 // A request's task prefers its connection's event loop as executor, so it goes on there, which also
                 // answers its client: one wake of the loop, and no second trip through its queue.
@@ -321,6 +312,47 @@ public final class SQLiteLedger: LedgerStore {
         }
         checkpointIfDue()
         return purged
+    }
+
+    /// On the caller's thread (GRDB's queue runs it there when it is idle, else the caller waits for what it runs),
+    /// with SQLite's busy wait off for the transaction: another process's write lock sends the records to `commit`
+    /// at once rather than holding the caller (an event loop) for up to `busyTimeout`.
+    public func commitAtOnce(_ entries: [LedgerEntry], events: [OutboxEvent]) throws -> Bool {
+        let written = try database.writeWithoutTransaction { db -> Bool in
+            guard let connection = db.sqliteConnection else { throw DatabaseError(resultCode: .SQLITE_MISUSE) }
+            sqlite3_busy_timeout(connection, 0)
+            defer { sqlite3_busy_timeout(connection, Int32(Self.busyTimeout * 1000)) }
+            do {
+                _ = try write(entries, events: events, purgingLogBefore: nil, purgeLimit: 0, db)
+                return true
+            } catch let error as DatabaseError where error.resultCode == .SQLITE_BUSY {
+                return false
+            }
+        }
+        if written { checkpointIfDue() }
+        return written
+    }
+
+    /// One transaction of the group commit: `events` queued, `entries` written, old log rows purged.
+    private func write(
+        _ entries: [LedgerEntry],
+        events: [OutboxEvent],
+        purgingLogBefore cutoff: Double?,
+        purgeLimit: Int,
+        _ db: Database
+    ) throws -> Int {
+        let transaction = try LedgerTransaction(db)
+        return try transaction.run {
+            try queue(events, transaction)
+            return try Self.write(
+                entries,
+                firstID: takeIDs(entries.count),
+                purgingLogBefore: cutoff,
+                purgeLimit: purgeLimit,
+                transaction,
+                db
+            )
+        }
     }
 
     /// Starts a passive checkpoint on the second connection every `commitsPerCheckpoint` commits, unless one is

@@ -60,6 +60,8 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var lastEnd: EventLoopFuture<Void>?
     /// Where the answers' tasks run: this connection's event loop.
     private var taskExecutor: EventLoopTaskExecutor!
+    /// The requests the loop's connections are answering: one per entry of `answers`.
+    private var loopLoad: LoopLoad!
     /// The body of the request being answered, while it arrives, and the responder's promise of it.
     private var arriving: (body: ByteBuffer, promise: EventLoopPromise<ByteBuffer>)?
     /// The last exchange whose answer has its head written.
@@ -92,6 +94,7 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
     func handlerAdded(context: ChannelHandlerContext) {
         let loop = context.eventLoop
         taskExecutor = EventLoopTaskExecutor(loop)
+        loopLoad = LoopLoad.ofCurrentThread()
         let handler = NIOLoopBound(self, eventLoop: loop)
         let bound = NIOLoopBound(context, eventLoop: loop)
         let id = ObjectIdentifier(context.channel)
@@ -293,6 +296,7 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
             body: body
         )
         let responder = self.responder
+        loopLoad.started()
         answers[number] = Task(executorPreference: taskExecutor) {
             await exchange.write(await responder.respond(to: request, context: requestContext))
         }
@@ -329,7 +333,7 @@ final class ExchangeHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     /// The answer's task is over (written whole, or given up when the client went).
     fileprivate func answerDone(number: Int, context: ChannelHandlerContext, complete: Bool) {
-        answers[number] = nil
+        if answers.removeValue(forKey: number) != nil { loopLoad.ended() }
         // An earlier exchange's task ending has no say over the connection: its end was written, or the next
         // request would not have come.
         if number == exchanges {
