@@ -66,6 +66,33 @@ extension LedgerTests {
         try await store.close()
     }
 
+    @Test func aCommitAtOnceNeverWaitsBehindOtherWorkOnTheWritersQueue() async throws {
+        let directory = try Harness.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let store = try SQLiteLedger.open(path: directory.appendingPathComponent("quota.db").path)
+        // A read holds the writer's queue (a policy reload's snapshot, say) until the test lets it go.
+        let reading = DispatchSemaphore(value: 0)
+        let release = DispatchSemaphore(value: 0)
+        let read = Task {
+            try await store.read { _ in
+                reading.signal()
+                release.wait()
+            }
+        }
+        await withCheckedContinuation { continuation in
+            DispatchQueue.global().async {
+                reading.wait()
+                continuation.resume()
+            }
+        }
+        // Waiting behind the read would block here for good (and the suite would run out of time).
+        #expect(try store.commitAtOnce([Self.entry(model: "gpt-4o")], events: []) == false)
+        release.signal()
+        try await read.value
+        #expect(try store.commitAtOnce([Self.entry(model: "gpt-4o")], events: []))
+        try await store.close()
+    }
+
     @Test func aLoopIsAloneWhileItsConnectionsAnswerOneRequestAtMost() async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let seen = try await group.next().submit { () -> [Bool] in

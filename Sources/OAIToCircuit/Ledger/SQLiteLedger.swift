@@ -27,6 +27,10 @@ public final class SQLiteLedger: LedgerStore {
     /// queue in commit order: above every id in both tables (and the log cursor) at open, never handed out twice.
     private let nextEventID: Mutex<Int64>
     private let checkpointState = Mutex((commits: 0, running: false))
+    /// Work on the writer's queue other than the group commit's (reads, the shipper's acknowledgements, a checkpoint
+    /// between commits), queued or running: a commit at once would wait behind it on its event loop, so while there
+    /// is any, it goes to the queue instead.
+    private let otherWork = Atomic(0)
     /// Commits between checkpoints: a few pages each, so the WAL stays around a thousand pages, SQLite's default.
     static let commitsPerCheckpoint = 200
 
@@ -203,7 +207,7 @@ public final class SQLiteLedger: LedgerStore {
     }
 
     public func snapshot(day: String, month: String) async throws -> LedgerSnapshot {
-        try await database.read { db in
+        try await read { db in
             var snapshot = LedgerSnapshot()
             guard try db.tableExists("usage") else { return snapshot }
             for row in try Row.fetchAll(
@@ -262,7 +266,7 @@ public final class SQLiteLedger: LedgerStore {
         """
 
     public func directory() async throws -> KeyDirectory {
-        try await database.read { db in
+        try await read { db in
             // The earlier bridge's tools may have made these tables since this connection last looked.
             db.clearSchemaCache()
             var directory = KeyDirectory()
@@ -318,6 +322,7 @@ public final class SQLiteLedger: LedgerStore {
     /// with SQLite's busy wait off for the transaction: another process's write lock sends the records to `commit`
     /// at once rather than holding the caller (an event loop) for up to `busyTimeout`.
     public func commitAtOnce(_ entries: [LedgerEntry], events: [OutboxEvent]) throws -> Bool {
+        guard otherWork.load(ordering: .relaxed) == 0 else { return false }
         let written = try database.writeWithoutTransaction { db -> Bool in
             guard let connection = db.sqliteConnection else { throw DatabaseError(resultCode: .SQLITE_MISUSE) }
             sqlite3_busy_timeout(connection, 0)
@@ -376,7 +381,11 @@ public final class SQLiteLedger: LedgerStore {
             // commits on the writer's own queue: it copies only what the first could not (little), and lets the
             // next commit start the WAL from the beginning.
             if walFrames > self.walFrameLimit {
-                self.database.asyncWriteWithoutTransaction { db in _ = try? db.checkpoint(.passive) }
+                self.otherWork.add(1, ordering: .relaxed)
+                self.database.asyncWriteWithoutTransaction { db in
+                    _ = try? db.checkpoint(.passive)
+                    self.otherWork.subtract(1, ordering: .relaxed)
+                }
             }
         }
     }
@@ -545,7 +554,7 @@ public final class SQLiteLedger: LedgerStore {
     }
 
     public func report(_ query: UsageQuery) async throws -> [UsageReportRow] {
-        try await database.read { db in
+        try await read { db in
             var rows: [UsageReportRow] = []
             let byPeriod = query.since != nil || query.until != nil || query.grouping == .day || query.grouping == .month
             if !byPeriod {
@@ -619,7 +628,7 @@ public final class SQLiteLedger: LedgerStore {
 
     /// Every `usage.subkey` value: `usage report --subkey` and `quotas check --db` match keys by value or hash.
     public func ledgerKeys() async throws -> [String] {
-        try await database.read { db in
+        try await read { db in
             guard try db.tableExists("usage") else { return [] }
             return try String.fetchAll(db, sql: "SELECT DISTINCT subkey FROM usage")
         }
@@ -640,7 +649,7 @@ public final class SQLiteLedger: LedgerStore {
         until: Double,
         limit: Int
     ) async throws -> [(id: Int64, entry: LedgerEntry)] {
-        try await database.read { db in
+        try await read { db in
             guard try db.tableExists("request_log") else { return [] }
             // An hour early: a row written a little out of order is not missed.
             guard let start = try Self.firstLogID(finishedAtOrAfter: since - 3_600, db) else { return [] }
@@ -760,7 +769,7 @@ public final class SQLiteLedger: LedgerStore {
     }
 
     public func outboxCounts() async throws -> OutboxCounts {
-        try await database.read { db in
+        try await read { db in
             var counts = OutboxCounts()
             guard try db.tableExists("splunk_outbox") else { return counts }
             for row in try Row.fetchAll(
@@ -792,10 +801,19 @@ public final class SQLiteLedger: LedgerStore {
     /// A small transaction beside the group commit (shipper acknowledgements). Not cancellable either: a cancelled
     /// shipper at shutdown must not leave half of one behind (a transaction is all or nothing anyway).
     private func write(_ updates: @escaping @Sendable (Database) throws -> Void) async throws {
+        otherWork.add(1, ordering: .relaxed)
+        defer { otherWork.subtract(1, ordering: .relaxed) }
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
             database.asyncWrite(updates, completion: { _, result in continuation.resume(with: result) })
         }
         checkpointIfDue()
+    }
+
+    /// A read on the writer's queue, counted in `otherWork`.
+    func read<T: Sendable>(_ value: @escaping @Sendable (Database) throws -> T) async throws -> T {
+        otherWork.add(1, ordering: .relaxed)
+        defer { otherWork.subtract(1, ordering: .relaxed) }
+        return try await database.read(value)
     }
 
     public func close() async throws {
