@@ -14,10 +14,11 @@ import Synchronization
 /// may also be only an event (a refusal's), queued in the outbox in the same way. Either takes a place in the
 /// `SplunkSpool` first; when its share is full the event is dropped and counted, the usage is still written.
 ///
-/// A request alone on its event loop (`LoopLoad`) that finds the writer idle writes its record on the loop itself,
-/// sparing two thread wake-ups (the database's thread, then the loop again): about 20 µs of an answer at
-/// concurrency 1. Blocking the loop then holds up nobody else; under any concurrency, commits go to the database's
-/// thread as before, and so does a commit that would have to wait for another process's lock or would purge.
+/// A request alone on its event loop (`LoopLoad`) whose record goes in a transaction of its own writes it on the loop
+/// itself, sparing two thread wake-ups (the database's thread, then the loop again): about 20 µs of an answer at
+/// concurrency 1. Blocking the loop then holds up nobody else. Under any concurrency commits go to the database's
+/// thread as before, and so does one that would purge, wait for another process's lock, or wait behind other work
+/// on the database's queue.
 ///
 /// `commit(_:)` returns once its record is durable. A failed transaction is logged and counted, its records are
 /// kept (up to `maximumUnwritten`) and written with the next one or by the writer's retry every second (it is a

@@ -307,7 +307,7 @@ public final class SQLiteLedger: LedgerStore {
         let purged = try await withCheckedThrowingContinuation { continuation in
             database.asyncWriteWithoutTransaction { db in
                 let result = Result {
-                    try self.write(entries, events: events, purgingLogBefore: cutoff, purgeLimit: purgeLimit, db)
+                    try self.runTransaction(entries, events: events, purgingLogBefore: cutoff, purgeLimit: purgeLimit, db)
                 }
                 // A request's task prefers its connection's event loop as executor, so it goes on there, which also
                 // answers its client: one wake of the loop, and no second trip through its queue.
@@ -328,7 +328,7 @@ public final class SQLiteLedger: LedgerStore {
             sqlite3_busy_timeout(connection, 0)
             defer { sqlite3_busy_timeout(connection, Int32(Self.busyTimeout * 1000)) }
             do {
-                _ = try write(entries, events: events, purgingLogBefore: nil, purgeLimit: 0, db)
+                _ = try runTransaction(entries, events: events, purgingLogBefore: nil, purgeLimit: 0, db)
                 return true
             } catch let error as DatabaseError where error.resultCode == .SQLITE_BUSY {
                 return false
@@ -338,8 +338,8 @@ public final class SQLiteLedger: LedgerStore {
         return written
     }
 
-    /// One transaction of the group commit: `events` queued, `entries` written, old log rows purged.
-    private func write(
+    /// One transaction of the ledger: `events` queued, `entries` written, old log rows purged.
+    private func runTransaction(
         _ entries: [LedgerEntry],
         events: [OutboxEvent],
         purgingLogBefore cutoff: Double?,
