@@ -117,7 +117,7 @@ extension LedgerTests {
 
 /// A store that records which way each transaction came: at once (or declined, when it `declines`), or through the
 /// group commit.
-final class TwoWayStore: LedgerStore {
+final class TwoWayStore: CommitOnlyStore {
     let declines: Bool
     let transactions = NIOLockedValueBox<[String]>([])
 
@@ -141,14 +141,4 @@ final class TwoWayStore: LedgerStore {
         transactions.withLockedValue { $0.append("group: \(entries.count)") }
         return 0
     }
-
-    func snapshot(day: String, month: String) async throws -> LedgerSnapshot { LedgerSnapshot() }
-    func directory() async throws -> KeyDirectory { KeyDirectory() }
-    func report(_ query: UsageQuery) async throws -> [UsageReportRow] { [] }
-    func close() async throws {}
-    func pendingEvents(after id: Int64, limit: Int) async throws -> [PendingEvent] { [] }
-    func delivered(_ ids: ClosedRange<Int64>) async throws {}
-    func settled(through id: Int64) async throws {}
-    func deadLetter(_ event: PendingEvent, answer: String, at time: Double) async throws {}
-    func outboxCounts() async throws -> OutboxCounts { OutboxCounts() }
 }

@@ -353,16 +353,10 @@ extension LedgerTests {
     }
 }
 
-/// A store whose every transaction fails.
-final class FailingStore: LedgerStore {
-    struct Broken: Error {}
-    var location: String { "broken" }
-    func commit(
-        _ entries: [LedgerEntry],
-        events: [OutboxEvent],
-        purgingLogBefore cutoff: Double?,
-        purgeLimit: Int
-    ) async throws -> Int { throw Broken() }
+/// A store that only commits (and keeps nothing to read): a test's own store says how.
+protocol CommitOnlyStore: LedgerStore {}
+
+extension CommitOnlyStore {
     func snapshot(day: String, month: String) async throws -> LedgerSnapshot { LedgerSnapshot() }
     func directory() async throws -> KeyDirectory { KeyDirectory() }
     func report(_ query: UsageQuery) async throws -> [UsageReportRow] { [] }
@@ -374,8 +368,20 @@ final class FailingStore: LedgerStore {
     func outboxCounts() async throws -> OutboxCounts { OutboxCounts() }
 }
 
+/// A store whose every transaction fails.
+final class FailingStore: CommitOnlyStore {
+    struct Broken: Error {}
+    var location: String { "broken" }
+    func commit(
+        _ entries: [LedgerEntry],
+        events: [OutboxEvent],
+        purgingLogBefore cutoff: Double?,
+        purgeLimit: Int
+    ) async throws -> Int { throw Broken() }
+}
+
 /// A store whose first transaction waits until the test opens it, recording each transaction's size.
-final class GatedStore: LedgerStore {
+final class GatedStore: CommitOnlyStore {
     let started = Journal<Int>()
     private let gate = NIOLockedValueBox<CheckedContinuation<Void, Never>?>(nil)
     private let isOpen = NIOLockedValueBox(false)
@@ -409,16 +415,6 @@ final class GatedStore: LedgerStore {
         }
         return 0
     }
-
-    func snapshot(day: String, month: String) async throws -> LedgerSnapshot { LedgerSnapshot() }
-    func directory() async throws -> KeyDirectory { KeyDirectory() }
-    func report(_ query: UsageQuery) async throws -> [UsageReportRow] { [] }
-    func close() async throws {}
-    func pendingEvents(after id: Int64, limit: Int) async throws -> [PendingEvent] { [] }
-    func delivered(_ ids: ClosedRange<Int64>) async throws {}
-    func settled(through id: Int64) async throws {}
-    func deadLetter(_ event: PendingEvent, answer: String, at time: Double) async throws {}
-    func outboxCounts() async throws -> OutboxCounts { OutboxCounts() }
 }
 
 extension LedgerTests {
