@@ -142,3 +142,39 @@ final class TwoWayStore: CommitOnlyStore {
         return 0
     }
 }
+
+extension LedgerTests {
+    /// Period rows are upserted two to a statement, and an odd one alone: each row gets exactly its own requests.
+    @Test func periodRowsGoTwoToAStatementAndEachGetsItsOwnCounts() async throws {
+        let directory = try Harness.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("quota.db").path
+        let store = try SQLiteLedger.open(path: path)
+        var first = Self.entry(model: "gpt-4o")
+        (first.day, first.month) = ("2026-11-30", "2026-11")
+        var second = Self.entry(model: "gpt-4o")
+        (second.day, second.month) = ("2026-11-29", "2026-11")
+        var other = Self.entry(model: "o3")
+        (other.day, other.month) = ("2026-12-01", "2026-12")
+        // Five period rows: two days and a month of gpt-4o, a day and a month of o3.
+        _ = try await store.commit([first, second, other], events: [], purgingLogBefore: nil, purgeLimit: 0)
+        _ = try await store.commit([first, second, other], events: [], purgingLogBefore: nil, purgeLimit: 0)
+        #expect(try store.commitAtOnce([first], events: []))
+
+        let rows = try TestDatabase.rows(
+            path,
+            "SELECT model, period, period_start, requests, total_tokens FROM usage_period ORDER BY model, period_start"
+        )
+        let seen = rows.map { row in
+            "\(row["model"] as String) \(row["period"] as String) \(row["period_start"] as String) "
+                + "\(row["requests"] as Int) \(row["total_tokens"] as Int)"
+        }
+        #expect(
+            seen == [
+                "gpt-4o monthly 2026-11 5 15", "gpt-4o daily 2026-11-29 2 6", "gpt-4o daily 2026-11-30 3 9",
+                "o3 monthly 2026-12 2 6", "o3 daily 2026-12-01 2 6",
+            ]
+        )
+        try await store.close()
+    }
+}
