@@ -177,9 +177,8 @@ enum KeyTables {
             earliest = min(earliest ?? day, day)
         }
         guard try db.tableExists("request_log"), let earliest,
-            let start = try SQLiteLedger.firstLogID(finishedAtOrAfter: Double(earliest) * 86_400 - 3_600, db)
+            let start = try SQLiteLedger.firstLogID(readingFrom: Double(earliest) * 86_400, db)
         else { return lastUsed }
-        // An hour early: a row written a little out of order is not missed.
         for row in try Row.fetchAll(
             db,
             sql: "SELECT key_id, max(finished_at) AS last FROM request_log WHERE id >= ? GROUP BY key_id",

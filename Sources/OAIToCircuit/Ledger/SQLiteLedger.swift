@@ -546,6 +546,12 @@ public final class SQLiteLedger: LedgerStore {
         return purged
     }
 
+    /// Where a read of the log rows that finished at or after `time` starts: `firstLogID(finishedAtOrAfter:)` an hour
+    /// earlier, so that a row written a little out of order is not missed (the reader still filters on `finished_at`).
+    static func firstLogID(readingFrom time: Double, _ db: Database) throws -> Int64? {
+        try firstLogID(finishedAtOrAfter: time - 3_600, db)
+    }
+
     /// Where the request log reaches `time`: an id below which no row finished at or after it, and from which rows
     /// did (`nil` when none did). Rows are written in the order requests finish, to within a group commit, so ids are
     /// bisected on `finished_at` (a few seeks), with no index to keep up on every commit. A clock stepped back can put
@@ -667,8 +673,7 @@ public final class SQLiteLedger: LedgerStore {
     ) async throws -> [(id: Int64, entry: LedgerEntry)] {
         try await read { db in
             guard try db.tableExists("request_log") else { return [] }
-            // An hour early: a row written a little out of order is not missed.
-            guard let start = try Self.firstLogID(finishedAtOrAfter: since - 3_600, db) else { return [] }
+            guard let start = try Self.firstLogID(readingFrom: since, db) else { return [] }
             return try Row.fetchAll(
                 db,
                 sql: """
