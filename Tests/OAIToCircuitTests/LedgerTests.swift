@@ -515,6 +515,24 @@ extension LedgerTests {
 extension LedgerTests {
     /// With no index on `finished_at` (one page less per commit), a time is found in the request log by bisecting
     /// ids, which have gaps (outbox events take ids from the same sequence).
+    /// A row that finished within the hour before one written ahead of it (a late write, a clock stepped back) is
+    /// still found by readers that start from a time (`hec replay` here, `keys list`'s last use).
+    @Test func aRowWrittenALittleOutOfOrderIsStillRead() async throws {
+        let directory = try Harness.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let store = try SQLiteLedger.open(path: directory.appendingPathComponent("quota.db").path)
+        let since = 1_000_000.0
+        // Ids 1, 2, 3: the middle one finished before `since`, so a bisection for `since` alone would skip id 1.
+        for finished in [since + 5, since - 10, since + 20] {
+            var entry = Self.entry(model: "gpt-4o")
+            entry.finishedAt = finished
+            _ = try await store.commit([entry], events: [], purgingLogBefore: nil, purgeLimit: 0)
+        }
+        let read = try await store.requestLog(after: 0, since: since, until: since + 60, limit: 10)
+        #expect(read.map(\.entry.finishedAt) == [since + 5, since + 20])
+        try await store.close()
+    }
+
     @Test func theRequestLogIsBisectedByTime() async throws {
         let directory = try Harness.temporaryDirectory()
         defer { try? FileManager.default.removeItem(at: directory) }
