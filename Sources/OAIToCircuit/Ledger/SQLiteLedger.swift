@@ -456,28 +456,7 @@ public final class SQLiteLedger: LedgerStore {
         _ transaction: LedgerTransaction,
         _ db: Database
     ) throws -> Int {
-        // Requests of one key and model in one batch share one upsert per row.
-        struct LifetimeKey: Hashable {
-            var ledgerKey: String
-            var model: String
-        }
-        struct PeriodKey: Hashable {
-            var keyID: String
-            var model: String
-            var period: String
-            var start: String
-        }
-        var lifetime: [LifetimeKey: Tally] = [:]
-        var periods: [PeriodKey: Tally] = [:]
-        for entry in entries {
-            var tally = Tally(requests: 1)
-            tally.add(entry.usage)
-            lifetime[LifetimeKey(ledgerKey: entry.ledgerKey, model: entry.model), default: Tally()].add(tally)
-            periods[PeriodKey(keyID: entry.keyID, model: entry.model, period: "daily", start: entry.day), default: Tally()]
-                .add(tally)
-            periods[PeriodKey(keyID: entry.keyID, model: entry.model, period: "monthly", start: entry.month), default: Tally()]
-                .add(tally)
-        }
+        let (lifetime, periods) = tallies(of: entries)
         for (key, tally) in lifetime {
             try transaction.execute(Self.lifetimeUpsert) { values in
                 values.bind(key.ledgerKey)
@@ -544,6 +523,47 @@ public final class SQLiteLedger: LedgerStore {
         // Events Splunk refused are kept as long as the request log (rare, so no batch limit is needed).
         try db.execute(sql: "DELETE FROM splunk_dead_letter WHERE set_aside_at < ?", arguments: [cutoff])
         return purged
+    }
+
+    struct LifetimeKey: Hashable {
+        var ledgerKey: String
+        var model: String
+    }
+
+    struct PeriodKey: Hashable {
+        var keyID: String
+        var model: String
+        var period: String
+        var start: String
+    }
+
+    /// The rows a batch adds to: requests of one key and model share one upsert per row. A batch of one (every
+    /// commit at concurrency 1) has its three rows as they are, without a dictionary to gather them.
+    static func tallies(
+        of entries: [LedgerEntry]
+    ) -> (lifetime: [(key: LifetimeKey, value: Tally)], periods: [(key: PeriodKey, value: Tally)]) {
+        func rows(of entry: LedgerEntry) -> (LifetimeKey, Tally, PeriodKey, PeriodKey) {
+            var tally = Tally(requests: 1)
+            tally.add(entry.usage)
+            return (
+                LifetimeKey(ledgerKey: entry.ledgerKey, model: entry.model), tally,
+                PeriodKey(keyID: entry.keyID, model: entry.model, period: "daily", start: entry.day),
+                PeriodKey(keyID: entry.keyID, model: entry.model, period: "monthly", start: entry.month)
+            )
+        }
+        if entries.count == 1 {
+            let (lifetime, tally, day, month) = rows(of: entries[0])
+            return ([(lifetime, tally)], [(day, tally), (month, tally)])
+        }
+        var lifetime: [LifetimeKey: Tally] = [:]
+        var periods: [PeriodKey: Tally] = [:]
+        for entry in entries {
+            let (key, tally, day, month) = rows(of: entry)
+            lifetime[key, default: Tally()].add(tally)
+            periods[day, default: Tally()].add(tally)
+            periods[month, default: Tally()].add(tally)
+        }
+        return (lifetime.map { $0 }, periods.map { $0 })
     }
 
     /// Where a read of the log rows that finished at or after `time` starts: `firstLogID(finishedAtOrAfter:)` an hour
