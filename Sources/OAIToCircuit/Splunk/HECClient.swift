@@ -18,6 +18,9 @@ struct HECClient: Sendable {
     let gzip: Bool
     let timeout: Duration
     let tls: TLSConfiguration?
+    /// zlib's fastest level: a batch of usage events shrinks about 11 times (14 at the default level) for a third of
+    /// the CPU (1.5 MB of events: 5 ms against 14 ms), and the batches are made on the event loops.
+    static let compression = ZlibConfiguration(compressionLevel: .fastestCompression)
     /// Splunk's answers are a line of JSON; a proxy's error page is read no further than this.
     static let maximumAnswer = 64 * 1024
 
@@ -61,7 +64,7 @@ struct HECClient: Sendable {
         if let channel { request.headers.add(name: "X-Splunk-Request-Channel", value: channel) }
         var body = ByteBuffer(bytes: payload)
         if gzip {
-            body = try body.compress(with: .gzip())
+            body = try body.compress(with: .gzip(configuration: Self.compression))
             request.headers.add(name: "Content-Encoding", value: "gzip")
         }
         request.body = .bytes(body)
