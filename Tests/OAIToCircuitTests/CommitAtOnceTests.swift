@@ -62,7 +62,7 @@ extension LedgerTests {
         #expect(try TestDatabase.count(path, "SELECT count(*) FROM request_log") == 1)
         #expect(try TestDatabase.count(path, "SELECT count(*) FROM splunk_outbox") == 1)
         #expect(try TestDatabase.count(path, "SELECT sum(requests) FROM usage") == 1)
-        try await other.close()
+        try other.close()
         try await store.close()
     }
 
