@@ -215,7 +215,7 @@ measure() {  # name target-url stream concurrency [seconds]
     check_bridge
     ((errors == 0 && requests > 0)) || { echo "bench.sh: $name had $errors errors" >&2; failed=1; }
     results+=("$name|$rps|$p50|$p99|$errors")
-    printf '%-34s %10s req/s  p50 %8s µs  p99 %8s µs  errors %s\n' "$name" "$rps" "$p50" "$p99" "$errors"
+    printf '%-38s %10s req/s  p50 %8s µs  p99 %8s µs  errors %s\n' "$name" "$rps" "$p50" "$p99" "$errors"
 }
 rss() { awk '/VmHWM/ { print $2 }' "/proc/$bridge_pid/status"; }
 
