@@ -525,12 +525,12 @@ public final class SQLiteLedger: LedgerStore {
         return purged
     }
 
-    struct LifetimeKey: Hashable {
+    private struct LifetimeKey: Hashable {
         var ledgerKey: String
         var model: String
     }
 
-    struct PeriodKey: Hashable {
+    private struct PeriodKey: Hashable {
         var keyID: String
         var model: String
         var period: String
@@ -539,7 +539,7 @@ public final class SQLiteLedger: LedgerStore {
 
     /// The rows a batch adds to: requests of one key and model share one upsert per row. A batch of one (every
     /// commit at concurrency 1) has its three rows as they are, without a dictionary to gather them.
-    static func tallies(
+    private static func tallies(
         of entries: [LedgerEntry]
     ) -> (lifetime: [(key: LifetimeKey, value: Tally)], periods: [(key: PeriodKey, value: Tally)]) {
         func rows(of entry: LedgerEntry) -> (LifetimeKey, Tally, PeriodKey, PeriodKey) {
