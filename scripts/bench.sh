@@ -5,16 +5,16 @@
 # HEC that accepts them). wrk at concurrency 1 and 64, JSON and SSE. Any error fails the run.
 #
 # Concurrency 1 is measured in rounds (five of 2 s by default): each round measures the fake directly, nginx and the
-# bridge back to back, so that a noisy stretch of a shared VM falls on all three alike, and a figure at c=1 is the
-# median of its rounds. The latency the bridge adds is the median of the rounds' differences (bridge minus direct);
+# bridge back to back, each round starting one further along that order, so that a noisy stretch of a shared VM
+# falls on all three alike, and a figure at c=1 is the median of its rounds. The latency the bridge adds is the median of the rounds' differences (bridge minus direct);
 # each round's difference is printed and kept in the JSON too.
 #
 # Then two more of the performance issue's targets, each against a bridge of its own (same settings, fresh database),
 # one bridge running at a time:
 # - Splunk down or slow: the bridge's JSON c=64 run again, with SPLUNK_HEC_URL at a closed port, then at a HEC that
 #   takes every batch but answers only after 5 s, the bridge's HEC timeout (scripts/bench_slow_hec.py), each
-#   compared with a fresh bridge with Splunk accepting measured just before them; three such rounds of
-#   --round-seconds each, and the median of the rounds' changes. Target: requests/s and p99 within 15% of the run
+#   compared with a fresh bridge with Splunk accepting measured in the same round; three such rounds of
+#   --round-seconds each, in turning order, and the median of the rounds' changes. Target: requests/s and p99 within 15% of the run
 #   with Splunk accepting (a change for the better is no miss).
 # - Streaming first byte: a python fake Circuit (scripts/bench_first_byte.py) sends a stream's first event, pauses
 #   20 ms, then the rest; its client notes when the first byte arrives, 300 sequential streams each directly (what
@@ -245,10 +245,15 @@ wrk -t1 -c1 -d2s -s "$(script 0)" "$bridge_url" >/dev/null
 for stream in 0 1; do
     kind=$([[ $stream == 1 ]] && echo SSE || echo JSON)
     model=$([[ $stream == 1 ]] && echo bench-sse || echo gpt-4o)
+    targets=("direct http://127.0.0.1:$circuit/openai/deployments/$model/chat/completions"
+        "nginx http://127.0.0.1:$proxy/openai/deployments/$model/chat/completions" "bridge $bridge_url")
     for round in $(seq "$rounds"); do
-        measure "direct  $kind c=1 #$round" "http://127.0.0.1:$circuit/openai/deployments/$model/chat/completions" "$stream" 1 "$round_seconds"
-        measure "nginx   $kind c=1 #$round" "http://127.0.0.1:$proxy/openai/deployments/$model/chat/completions" "$stream" 1 "$round_seconds"
-        measure "bridge  $kind c=1 #$round" "$bridge_url" "$stream" 1 "$round_seconds"
+        # Each round starts one further along (direct, nginx, bridge; then nginx, bridge, direct; ...), so that a
+        # machine slowing down or speeding up during the run favours none of the three.
+        for i in 0 1 2; do
+            read -r who url <<<"${targets[(round - 1 + i) % 3]}"
+            measure "$who $kind c=1 #$round" "$url" "$stream" 1 "$round_seconds"
+        done
     done
     measure "direct  $kind c=64" "http://127.0.0.1:$circuit/openai/deployments/$model/chat/completions" "$stream" 64
     measure "nginx   $kind c=64" "http://127.0.0.1:$proxy/openai/deployments/$model/chat/completions" "$stream" 64
@@ -273,9 +278,10 @@ if ((splunk_variants)); then
     python3 scripts/bench_slow_hec.py --port "$slow" --delay 5 2>"$work/slow-hec.log" &
     slow_hec_pid=$!
     wait_listening "$slow" "$work/slow-hec.log"
+    variants=("accepting $hec" "down $closed" "slow $slow")
     for round in 1 2 3; do
-        for variant in "accepting $hec" "down $closed" "slow $slow"; do
-            read -r state hec_port <<<"$variant"
+        for i in 0 1 2; do  # each round starts one further along, as at c=1
+            read -r state hec_port <<<"${variants[(round - 1 + i) % 3]}"
             start_bridge "splunk-$state-$round" "http://127.0.0.1:$circuit" "http://127.0.0.1:$hec_port" "$port"
             warm_up
             measure "bridge  JSON c=64 Splunk $state #$round" "$bridge_url" 0 64 "$round_seconds"
@@ -319,7 +325,7 @@ for name, measured in rounds.items():
     results[name]["rounds"] = measured
 summary, targets = {}, []
 for kind in ("JSON", "SSE"):
-    # Paired: each round's bridge against the direct call measured just before it.
+    # Paired: each round's bridge against the direct call measured in the same round.
     differences = [b["p50_us"] - d["p50_us"] for d, b in zip(rounds[f"direct {kind} c=1"], rounds[f"bridge {kind} c=1"])]
     summary[f"{kind} added p50 at c=1 (us)"] = round(statistics.median(differences), 1)
     summary[f"{kind} added p50 at c=1, each round (us)"] = [round(d, 1) for d in differences]
@@ -338,7 +344,7 @@ targets.append({"target": "bridge peak RSS at most 64 MiB", "kib": peak, "met": 
                 "shown": f"{peak / 1024:.1f} MiB"})
 
 # Splunk down or slow must change throughput and p99 by less than 15%; a change for the better is no miss.
-# Each round's variant against the bridge with Splunk accepting measured just before it; the median of the rounds.
+# Each round's variant against the bridge with Splunk accepting measured in the same round; the median of the rounds.
 splunk = {}
 for state in ("down", "slow"):
     pairs = list(zip(rounds.get("bridge JSON c=64 Splunk accepting", []), rounds.get(f"bridge JSON c=64 Splunk {state}", [])))
