@@ -206,16 +206,21 @@ EOF
 }
 results=()
 failed=0
+cpu_times() { awk '/^cpu / { print $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat; }  # steal, all
 measure() {  # name target-url stream concurrency [seconds]
     local name=$1 url=$2 stream=$3 connections=$4 seconds=${5:-$duration} threads=1
     ((connections > 1)) && threads=2
-    local line
+    local line before after steal
+    before=$(cpu_times)
     line=$(wrk -t"$threads" -c"$connections" -d"${seconds}s" -s "$(script "$stream")" "$url" | grep '^RESULT') || true
+    after=$(cpu_times)
+    # The share of the machine's CPU time the hypervisor gave to others while this ran: the VM ran slower by it.
+    steal=$(awk -v b="$before" -v a="$after" 'BEGIN { split(b, x); split(a, y); t = y[2] - x[2]; printf "%.1f", (t > 0 ? 100 * (y[1] - x[1]) / t : 0) }')
     read -r _ rps p50 p99 errors requests <<<"${line:-RESULT 0 0 0 1 0}"
     check_bridge
     ((errors == 0 && requests > 0)) || { echo "bench.sh: $name had $errors errors" >&2; failed=1; }
-    results+=("$name|$rps|$p50|$p99|$errors")
-    printf '%-38s %10s req/s  p50 %8s µs  p99 %8s µs  errors %s\n' "$name" "$rps" "$p50" "$p99" "$errors"
+    results+=("$name|$rps|$p50|$p99|$errors|$steal")
+    printf '%-38s %10s req/s  p50 %8s µs  p99 %8s µs  errors %s  steal %s%%\n' "$name" "$rps" "$p50" "$p99" "$errors" "$steal"
 }
 rss() { awk '/VmHWM/ { print $2 }' "/proc/$bridge_pid/status"; }
 
@@ -311,8 +316,9 @@ import json, os, statistics, sys
 out, peak, first_byte_file, rows = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
 results, rounds = {}, {}
 for row in rows:
-    name, rps, p50, p99, errors = row.split("|")
-    figures = {"requests_per_second": float(rps), "p50_us": float(p50), "p99_us": float(p99), "errors": int(errors)}
+    name, rps, p50, p99, errors, steal = row.split("|")
+    figures = {"requests_per_second": float(rps), "p50_us": float(p50), "p99_us": float(p99), "errors": int(errors),
+               "steal_percent": float(steal)}
     name, _, number = " ".join(name.split()).partition(" #")
     if number:
         rounds.setdefault(name, []).append(figures)
@@ -320,7 +326,7 @@ for row in rows:
         results[name] = figures
 # A figure at c=1 is the median of its rounds (each round's figures are kept beside it).
 for name, measured in rounds.items():
-    results[name] = {key: statistics.median(m[key] for m in measured) for key in ("requests_per_second", "p50_us", "p99_us")}
+    results[name] = {key: statistics.median(m[key] for m in measured) for key in ("requests_per_second", "p50_us", "p99_us", "steal_percent")}
     results[name]["errors"] = sum(m["errors"] for m in measured)
     results[name]["rounds"] = measured
 summary, targets = {}, []
