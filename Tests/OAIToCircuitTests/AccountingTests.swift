@@ -29,10 +29,11 @@ import Testing
         var tokens = FakeTokenEndpoint.Settings()
         tokens.failWithStatus = 500
         var settings = FakeCircuit.Settings()
-        settings.headerDelay = .seconds(2)
+        settings.headerDelay = .seconds(6)
         let usePolicy: (inout Bridge) -> Void = { $0.policy = policy }
+        // Seconds, not one: the requests Circuit answers at once must get their head within it on a loaded machine.
         try await Harness.with(
-            environment: ["UPSTREAM_TIMEOUT_SECONDS": "1"],
+            environment: ["UPSTREAM_TIMEOUT_SECONDS": "3"],
             circuitSettings: settings,
             tokenSettings: tokens,
             configure: usePolicy
@@ -160,8 +161,8 @@ import Testing
 
     @Test func aStreamBrokenMidLineEndsWithAParsableErrorEvent() async throws {
         var settings = FakeCircuit.Settings()
-        settings.headerDelay = .seconds(2)
-        try await Harness.with(environment: ["UPSTREAM_TIMEOUT_SECONDS": "1"], circuitSettings: settings) {
+        settings.headerDelay = .seconds(6)
+        try await Harness.with(environment: ["UPSTREAM_TIMEOUT_SECONDS": "3"], circuitSettings: settings) {
             harness async throws in
             let answer = try await harness.chat(Harness.chatBody(model: "broken-stream", stream: true))
             let events = answer.body.components(separatedBy: "\n\n").filter { !$0.isEmpty }
