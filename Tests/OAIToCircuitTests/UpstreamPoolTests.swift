@@ -126,7 +126,7 @@ import X509
                 await reply.json("fine")
             }
         }
-        try await withPool(server, limit: 1, readTimeout: .milliseconds(300)) { pool in
+        try await withPool(server, limit: 1, readTimeout: .seconds(1)) { pool in
             let busy = try await pool.execute(upstreamRequest("/busy"), collectLimit: 1024)
             let stream = try #require(busy.body.stream)
             let error = await #expect(throws: UpstreamError.self) {
@@ -148,14 +148,14 @@ import X509
     /// waits for Circuit's answer to begin, not the queue and then the same again for Circuit.
     @Test func timeWaitingForAConnectionCountsAgainstTheHeadTimeout() async throws {
         let server = try await ScriptedUpstream.start { request, reply in
-            // Each answer takes 400 ms: well within the 600 ms read timeout on its own.
-            try? await Task.sleep(for: .milliseconds(400))
+            // Each answer takes 1 s: well within the 1.5 s read timeout on its own.
+            try? await Task.sleep(for: .seconds(1))
             await reply.json(request.uri)
         }
-        try await withPool(server, limit: 1, readTimeout: .milliseconds(600)) { pool in
+        try await withPool(server, limit: 1, readTimeout: .milliseconds(1_500)) { pool in
             async let first = pool.execute(upstreamRequest("/first"), collectLimit: 1024)
             await server.until { $0.requests.count >= 1 }
-            // Queued behind the first for about 400 ms, then 400 ms more for its own answer: past 600 ms in all.
+            // Queued behind the first for about 1 s, then 1 s more for its own answer: past 1.5 s in all.
             let error = await #expect(throws: UpstreamError.self) {
                 try await pool.execute(upstreamRequest("/second"), collectLimit: 1024)
             }
@@ -361,7 +361,7 @@ import X509
             await release.wait()
             await reply.json("too late")
         }
-        try await withPool(server, readTimeout: .milliseconds(300)) { pool in
+        try await withPool(server, readTimeout: .seconds(1)) { pool in
             let error = await #expect(throws: UpstreamError.self) {
                 try await pool.execute(upstreamRequest(), collectLimit: 1024)
             }
@@ -378,7 +378,7 @@ import X509
             await reply.body("0123456789")
             await release.wait()
         }
-        try await withPool(server, readTimeout: .milliseconds(300)) { pool in
+        try await withPool(server, readTimeout: .seconds(1)) { pool in
             // The head has arrived: the failure is in the body, as for any non-streamed answer cut short.
             let response = try await pool.execute(upstreamRequest(), collectLimit: 1024)
             #expect(response.status == .ok)
@@ -398,7 +398,7 @@ import X509
             }
             await release.wait()
         }
-        try await withPool(server, readTimeout: .milliseconds(300)) { pool in
+        try await withPool(server, readTimeout: .seconds(1)) { pool in
             for path in ["/midway", "/at-once"] {
                 let response = try await pool.execute(upstreamRequest(path), collectLimit: 1024)
                 let body = try #require(response.body.stream)
@@ -519,7 +519,7 @@ import X509
                 .end(nil),
             ])
         }
-        try await withPool(server, readTimeout: .milliseconds(300)) { pool in
+        try await withPool(server, readTimeout: .seconds(1)) { pool in
             let response = try await pool.execute(upstreamRequest(), collectLimit: 1024)
             let body = try #require(response.body.stream)
             var received = ByteBuffer()
@@ -528,7 +528,7 @@ import X509
             for try await chunk in body {
                 // A reader slower than Circuit: first a pause longer than the read timeout (waiting for the
                 // client is not Circuit's silence), then a little time for every read.
-                try await Task.sleep(for: .milliseconds(reads == 0 ? 700 : 5))
+                try await Task.sleep(for: .milliseconds(reads == 0 ? 2_000 : 5))
                 reads += 1
                 largest = max(largest, chunk.readableBytes)
                 var chunk = chunk
